@@ -1,0 +1,201 @@
+"""Dataclass schemas of the composed configuration.
+
+The composed OmegaConf tree is the single source of truth: the launcher plans its
+salloc/sbatch/srun commands from it, writes it (resolved) into the run directory,
+and code inside the job reads the same tree back with :func:`load_job_config`.
+
+This module imports only omegaconf, so in-job code (cluster starters, pipeline)
+can use it without Hydra. :func:`register_configs` puts the schemas in Hydra's
+ConfigStore; only the CLI calls it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+#: Environment variable that points a job at its resolved config file.
+CONFIG_ENV = "TOKSEARCH_CONFIG"
+#: Environment variable naming the job's run directory (logs, output, config).
+RUN_DIR_ENV = "TOKSEARCH_RUN_DIR"
+#: File name of the resolved config inside the run directory.
+CONFIG_FILE = "toksearch.yaml"
+
+
+@dataclass
+class StepOptions:
+    """Options of one daemon kind: extra `srun` options for its step, extra options for its start command."""
+
+    srun: List[str] = field(default_factory=list)
+    start: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DaemonOptions:
+    """A backend's daemons: the head/master on the script's node, workers on the others."""
+
+    master: StepOptions = field(default_factory=StepOptions)
+    worker: StepOptions = field(default_factory=StepOptions)
+
+
+@dataclass
+class InteractiveOptions:
+    """`salloc ... srun ... COMMAND`: options for the allocation and for the step that runs COMMAND."""
+
+    salloc: List[str] = field(default_factory=list)
+    srun: List[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchOptions:
+    """`sbatch job.sbatch`: options written as `#SBATCH` lines."""
+
+    sbatch: List[str] = field(default_factory=list)
+    job_name: str = "toksearch"
+
+
+@dataclass
+class AddressRule:
+    """How a node name becomes the address its daemons bind to.
+
+    method: ``dns`` (resolve the node name), ``suffix`` (the exact ``<node><suffix>``
+    entry of ``hosts_file``, e.g. saga's ``-ib`` hosts), ``interface`` (the IPv4
+    address of ``interface`` on the node, e.g. ``ib0``), or ``loopback`` (site=local:
+    node K gets 127.0.0.K+1).
+    """
+
+    method: str = "dns"
+    suffix: str = ""
+    interface: str = ""
+    hosts_file: str = "/etc/hosts"
+
+
+@dataclass
+class PortPolicy:
+    """``auto``: each job picks free ports, so jobs sharing a node never collide.
+    ``fixed``: a block of consecutive ports starting at ``base`` (for firewalled sites)."""
+
+    policy: str = "auto"
+    base: int = 0
+
+
+@dataclass
+class SiteOptions:
+    """What the in-job starters need to know about a cluster."""
+
+    name: str = "default"
+    #: ``slurm``: salloc/sbatch/srun; ``local``: run on this machine, daemons as local processes.
+    scheduler: str = "slurm"
+    address: AddressRule = field(default_factory=AddressRule)
+    #: Base directory for per-job temp dirs (Ray's session dir must stay short: Unix sockets).
+    tmp_base: str = "/tmp"
+    #: MDSplus server (``host[:port]``) used when a signal has no location.
+    mds_server: Optional[str] = None
+    ports: PortPolicy = field(default_factory=PortPolicy)
+    #: Seconds a cluster may take from start to all nodes registered.
+    ready_timeout: float = 120.0
+    #: Slurm version the plan adapts to; None: read once from `srun --version` when running.
+    slurm_version: Optional[str] = None
+    #: Run COMMAND as an exclusive allocation (`--exclusive` on salloc/sbatch).
+    exclusive: bool = True
+    #: site=local: CPUs each local node offers (None: this machine's CPUs / nodes).
+    local_cpus_per_node: Optional[int] = None
+
+
+@dataclass
+class BackendOptions:
+    """Which cluster the job uses by default and when it is started.
+
+    start: ``lazy`` (TokSearch's behaviour: ``compute_ray()`` / ``compute_spark()``
+    start the job's cluster when first called) or ``eager`` (the launcher starts it
+    before COMMAND, exports ``RAY_ADDRESS`` / ``SPARK_MASTER_URL``, stops it after).
+    """
+
+    name: str = "ray"
+    start: str = "lazy"
+    #: Default partitions per cluster CPU when the caller gives no ``numparts``.
+    partitions_per_cpu: int = 4
+
+
+@dataclass
+class ToksearchConfig:
+    """The whole composed tree (`toksearch_submit --cfg job` prints it)."""
+
+    nodes: int = 1
+    mode: str = "interactive"
+    interactive: InteractiveOptions = field(default_factory=InteractiveOptions)
+    batch: BatchOptions = field(default_factory=BatchOptions)
+    ray: DaemonOptions = field(default_factory=DaemonOptions)
+    spark: DaemonOptions = field(default_factory=DaemonOptions)
+    site: SiteOptions = field(default_factory=SiteOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
+
+
+MODES = ("interactive", "batch")
+SCHEDULERS = ("slurm", "local")
+ADDRESS_METHODS = ("dns", "suffix", "interface", "loopback")
+PORT_POLICIES = ("auto", "fixed")
+BACKENDS = ("ray", "spark")
+BACKEND_STARTS = ("lazy", "eager")
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot be planned; the message is one line for the user."""
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig | ToksearchConfig) -> None:
+    """Check what the schema's types cannot: ranges and enumerations."""
+    if isinstance(cfg.nodes, bool) or not isinstance(cfg.nodes, int) or cfg.nodes < 1:
+        raise ConfigError(f"nodes={cfg.nodes!r}: need a whole number of nodes, 1 or more")
+    _one_of("mode", cfg.mode, MODES)
+    _one_of("site.scheduler", cfg.site.scheduler, SCHEDULERS)
+    _one_of("site.address.method", cfg.site.address.method, ADDRESS_METHODS)
+    if cfg.site.address.method == "suffix" and not cfg.site.address.suffix:
+        raise ConfigError("site.address.method=suffix needs site.address.suffix (e.g. -ib)")
+    if cfg.site.address.method == "interface" and not cfg.site.address.interface:
+        raise ConfigError("site.address.method=interface needs site.address.interface (e.g. ib0)")
+    _one_of("site.ports.policy", cfg.site.ports.policy, PORT_POLICIES)
+    if cfg.site.ports.policy == "fixed" and not 1024 <= cfg.site.ports.base <= 65000:
+        raise ConfigError("site.ports.policy=fixed needs site.ports.base between 1024 and 65000")
+    if cfg.site.ready_timeout <= 0:
+        raise ConfigError("site.ready_timeout must be positive (seconds)")
+    _one_of("backend.name", cfg.backend.name, BACKENDS)
+    _one_of("backend.start", cfg.backend.start, BACKEND_STARTS)
+    if cfg.backend.partitions_per_cpu < 1:
+        raise ConfigError("backend.partitions_per_cpu must be 1 or more")
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (the primary config extends it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="toksearch_schema", node=ToksearchConfig)
+
+
+def as_typed(tree: Any) -> DictConfig:
+    """Merge a plain tree onto the schema: typed, struct mode, option lists as strings."""
+    typed = OmegaConf.merge(OmegaConf.structured(ToksearchConfig), tree)
+    OmegaConf.set_struct(typed, True)
+    return typed
+
+
+def load_job_config(path: str | os.PathLike | None = None) -> Optional[DictConfig]:
+    """The config the launcher handed to this job, or None when not inside a toksearch job."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return None
+    return as_typed(OmegaConf.load(Path(path)))
+
+
+def default_config() -> DictConfig:
+    """The schema's defaults (site=default semantics without SLURM options), for code outside a job."""
+    return as_typed({})
