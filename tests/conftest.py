@@ -1,0 +1,56 @@
+"""Shared test helpers: compose the real config groups, run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+CLI = [sys.executable, "-m", "toksearch_launch.cli"]
+
+
+def compose(overrides: Sequence[str] = ()):
+    """The composed tree for these overrides, exactly as toksearch_submit composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from toksearch_launch.config import register_configs
+
+    register_configs()
+    with initialize_config_module("toksearch_launch.conf", version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict | None = None, timeout: float = 120,
+            stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    """Run toksearch_submit as a user would (a fresh process), capturing its output."""
+    full_env = dict(os.environ)
+    full_env.pop("TOKSEARCH_CONFIG", None)
+    full_env.pop("TOKSEARCH_RUN_DIR", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, stdin=stdin)
+
+
+@pytest.fixture
+def standin_path(tmp_path: Path) -> dict:
+    """PATH with stand-in salloc/sbatch/srun that record their argv in a file."""
+    record = tmp_path / "record.jsonl"
+    return {
+        "PATH": f"{TESTS / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "STANDIN_RECORD": str(record),
+    }
+
+
+def read_record(env: dict) -> List[list]:
+    import json
+
+    path = Path(env["STANDIN_RECORD"])
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,422 @@
+"""``toksearch_submit [launcher flags] [overrides] COMMAND [ARGS...]``.
+
+The command line splits in two: launcher flags and Hydra overrides before COMMAND,
+and COMMAND with its arguments, passed on untouched. Hydra composes the config for
+each job (one, or one per combination with ``-m``); :mod:`toksearch_launch.plan`
+turns it into commands and :mod:`toksearch_launch.run` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+PROG = "toksearch_submit"
+EXIT_USAGE = 2
+
+USAGE = f"""usage: {PROG} [flags] [key=value ...] COMMAND [ARGS...]
+
+Run COMMAND on a SLURM allocation (or this machine with site=local), with a Ray or
+Spark cluster started inside the job when the script asks for one.
+
+  {PROG} -N 3 python toksearch_example.py -- ray
+  {PROG} site=saga mode=batch nodes=3 python script.py -- ray
+  {PROG} -m mode=batch nodes=1,2,4 python scaling.py -- spark
+
+flags (before COMMAND):
+  -N, --nodes N        number of nodes (same as nodes=N)
+  -b, --batch          submit with sbatch (same as mode=batch)
+  -d, --dry-run        print every command and the batch script; run nothing
+  -m, --multirun       one job per combination of comma-separated override values
+  -k, --keep-going     multirun, interactive: go on after a job fails
+  -w, --wait           batch: wait for the job to end and exit with its exit code
+  --cfg {{job,hydra,all}}  print the composed config and exit (Hydra)
+  --resolve            with --cfg: resolve interpolations
+  --info [TOPIC]       print Hydra's information (config search path, defaults...)
+  --config-dir DIR     add DIR to the config search path (your own site/*.yaml)
+  -h, --help           this help
+
+overrides (before COMMAND): key=value, +key=value, ~key, group=option
+  groups: site=default|saga|local (or your own), mode=interactive|batch, backend=ray|spark
+  e.g. nodes=3 'ray.worker.start=[--num-cpus=8]' interactive.salloc=[--time=1:00:00]
+
+COMMAND: the first word that is not a flag or an override; everything after it is
+the command's own (the first `--` after COMMAND is dropped, as in TokSearch, so
+`-- ray` reaches the script as `ray`). A `--` before COMMAND ends the flags.
+Per-user profiles: $TOKSEARCH_USER_CONF or ~/.config/toksearch_launch (site/NAME.yaml).
+"""
+
+
+class UsageError(Exception):
+    """Bad command line: one line for the user, exit code 2."""
+
+
+@dataclass
+class Invocation:
+    """The command line, split: what Hydra gets and what the job runs."""
+
+    hydra_args: List[str] = field(default_factory=list)
+    command: List[str] = field(default_factory=list)
+    dry_run: bool = False
+    multirun: bool = False
+    wait: bool = False
+    keep_going: bool = False
+    help: bool = False
+    hydra_only: bool = False  # --cfg / --info: Hydra prints and no job runs
+
+
+_OVERRIDE = re.compile(r"^(~[A-Za-z_][\w.\-/@]*(=|$)|(\+\+?)?[A-Za-z_][\w.\-/@]*=)")
+_FLAGS_WITH_VALUE = {"-N": "nodes", "--nodes": "nodes", "--cfg": "cfg", "-c": "cfg", "--config-dir": "config-dir", "-cd": "config-dir"}
+
+
+def _quote_list_items(value: str) -> str:
+    """Quote bare list items that Hydra's grammar refuses (``[--num-cpus=8]``: the ``=``)."""
+    if not value.startswith("["):
+        return value
+    out: List[str] = []
+    token = ""
+    quote: Optional[str] = None
+    for ch in value + "\0":
+        if quote:
+            out.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "[],\0":
+            stripped = token.strip()
+            if stripped and "=" in stripped:
+                token = "'" + stripped.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            out.append(token)
+            token = ""
+            if ch != "\0":
+                out.append(ch)
+        elif ch in "'\"" and not token.strip():
+            out.append(token)
+            token = ""
+            out.append(ch)
+            quote = ch
+        else:
+            token += ch
+    return "".join(out)
+
+
+def _override(token: str) -> str:
+    key, eq, value = token.partition("=")
+    return f"{key}={_quote_list_items(value)}" if eq else token
+
+
+def split_argv(argv: Sequence[str]) -> Invocation:
+    """Split the command line; raise UsageError for anything we cannot understand."""
+    inv = Invocation()
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            inv.command = argv[i + 1:]
+            break
+        name, eq, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        if name in _FLAGS_WITH_VALUE:
+            if eq:
+                value = inline
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise UsageError(f"{name} needs a value")
+            kind = _FLAGS_WITH_VALUE[name]
+            if kind == "nodes":
+                inv.hydra_args.append(f"nodes={value}")
+            elif kind == "cfg":
+                inv.hydra_args += ["--cfg", value]
+                inv.hydra_only = True
+            else:
+                inv.hydra_args += ["--config-dir", str(Path(value).expanduser().resolve())]
+        elif tok in ("-b", "--batch"):
+            inv.hydra_args.append("mode=batch")
+        elif tok in ("-d", "--dry-run"):
+            inv.dry_run = True
+        elif tok in ("-m", "--multirun"):
+            inv.multirun = True
+        elif tok in ("-w", "--wait"):
+            inv.wait = True
+        elif tok in ("-k", "--keep-going"):
+            inv.keep_going = True
+        elif tok in ("-h", "--help"):
+            inv.help = True
+        elif tok == "--resolve":
+            inv.hydra_args.append("--resolve")
+        elif name == "--info":
+            inv.hydra_args += ["--info"] + ([inline] if eq else [])
+            if not eq and i + 1 < len(argv) and argv[i + 1] in ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"):
+                i += 1
+                inv.hydra_args.append(argv[i])
+            inv.hydra_only = True
+        elif tok.startswith("-"):
+            raise UsageError(f"unknown flag {tok!r} (flags go before COMMAND; see {PROG} --help)")
+        elif _OVERRIDE.match(tok):
+            inv.hydra_args.append(_override(tok))
+        else:
+            inv.command = argv[i:]
+            break
+        i += 1
+    if inv.command and "--" in inv.command[1:]:
+        dash = inv.command.index("--", 1)
+        inv.command = inv.command[:dash] + inv.command[dash + 1:]
+    if inv.multirun:
+        inv.hydra_args.insert(0, "--multirun")
+    return inv
+
+
+@dataclass
+class JobResult:
+    """One job of the sweep, for the summary table and the exit code."""
+
+    overrides: List[str]
+    run_dir: str
+    exit_code: int
+    job_id: str = ""
+    state: str = ""
+    note: str = ""
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first meaningful line of an exception and of its cause."""
+    from hydra.errors import OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override {exc.override!r}: {str(exc).splitlines()[0]} (see Hydra's override grammar)"
+    parts = []
+    seen = 0
+    while exc is not None and seen < 3:
+        text = str(exc).strip()
+        if text and text != "None":
+            first = text.splitlines()[0].strip()
+            if "\nAvailable options in" in text:
+                options = [ln.strip() for ln in text.splitlines() if ln.startswith("\t") and "provider=" not in ln]
+                first += f" (available: {', '.join(options)})"
+            if first not in parts:
+                parts.append(first)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if exc is not None and "$VALUE" in str(exc):  # omegaconf's unformatted template
+            break
+        seen += 1
+    return ": ".join(parts) or "unknown error"
+
+
+def _facts(cfg, cwd: str, dry_run: bool):
+    """Gather what the plan depends on; the Slurm version from the config, else from srun."""
+    from toksearch_launch.plan import Facts, parse_slurm_version
+    from toksearch_launch.run import slurm_version
+
+    version = None
+    if cfg.site.scheduler == "slurm":
+        if cfg.site.slurm_version:
+            version = parse_slurm_version(str(cfg.site.slurm_version))
+            if version is None:
+                raise ValueError(f"site.slurm_version={cfg.site.slurm_version!r} is not a version like 22.05.8")
+        elif not dry_run or shutil.which("srun"):
+            version = slurm_version()
+    return Facts(
+        stdin_is_tty=sys.stdin is not None and sys.stdin.isatty(),
+        display=os.environ.get("DISPLAY") or None,
+        slurm_version=version,
+        cwd=cwd,
+        python=sys.executable,
+    )
+
+
+def _remove_empty_dirs(path: Path, stop: Path) -> None:
+    """Remove ``path`` and its parents up to ``stop`` while they are empty (dry runs leave nothing)."""
+    path, stop = path.resolve(), stop.resolve()
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+
+
+def _clean_dry_run(results: List[JobResult], cwd: Path) -> None:
+    """A dry run leaves nothing behind: not even the sweep's multirun.yaml."""
+    for run_dir in {Path(r.run_dir) for r in results}:
+        for directory in (run_dir, run_dir.parent):
+            (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
+        _remove_empty_dirs(run_dir, cwd)
+
+
+def _print_dry_run(plan, cfg) -> None:
+    from toksearch_launch.plan import display
+
+    for note in plan.notes:
+        print(f"# note: {note}")
+    if plan.script is not None:
+        print(f"# {plan.script_path}")
+        print(plan.script, end="")
+    print(f"# run: {display(plan.argv)}")
+    try:
+        from toksearch_launch.cluster import plan_commands
+    except ImportError:  # the starters are optional for a dry run of the launcher
+        return
+    hosts = [f"node{k}" for k in range(1, cfg.nodes + 1)]
+    for backend in ("ray", "spark"):
+        try:
+            commands = plan_commands(backend, cfg, hosts)
+        except Exception as exc:  # a dry run reports, it does not fail on the in-job part
+            print(f"# in-job {backend} commands: cannot plan: {_one_line(exc)}")
+            continue
+        print(f"# in-job {backend} cluster, for nodes {','.join(hosts)}:")
+        for argv in commands:
+            print(f"#   {display(argv)}")
+
+
+def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
+    """The Hydra task function: plan, then print (dry run) or run one job.
+
+    Errors are kept in ``errors`` rather than raised: Hydra would print its own
+    multi-line report before re-raising.
+    """
+
+    def task(cfg) -> int:
+        if errors:  # an earlier job of the sweep could not even be planned or submitted
+            return EXIT_USAGE
+        try:
+            return run_one(cfg)
+        except Exception as exc:
+            errors.append(exc)
+            return EXIT_USAGE
+
+    def run_one(cfg) -> int:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from toksearch_launch import run
+        from toksearch_launch.config import ConfigError, validate
+        from toksearch_launch.plan import plan_job
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        failed_before = any(r.exit_code != 0 for r in results)
+        result = JobResult(list(hc.overrides.task), str(run_dir), EXIT_USAGE, note="not run")
+        results.append(result)
+        if inv.multirun:
+            print(f"[{PROG}] job {hc.job.num}: {' '.join(result.overrides)}", file=sys.stderr, flush=True)
+        if failed_before and cfg.mode == "interactive" and not inv.keep_going and not inv.dry_run:
+            result.exit_code, result.note = 0, "skipped (an earlier job failed; -k goes on)"
+            _remove_empty_dirs(run_dir, Path(cwd))
+            return 0
+        try:
+            validate(cfg)
+            plan = plan_job(cfg, inv.command, run_dir, _facts(cfg, cwd, inv.dry_run))
+        except (ConfigError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+
+        if inv.dry_run:
+            _print_dry_run(plan, cfg)
+            result.exit_code, result.note = 0, "dry run"
+            return 0
+
+        if plan.scheduler == "slurm":
+            run.require_program(plan.argv[0])  # before anything is written or said
+        for note in plan.notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        OmegaConf.save(cfg, plan.config_path, resolve=True)
+        if plan.script is not None:
+            plan.script_path.write_text(plan.script, encoding="utf-8")
+            plan.script_path.chmod(0o755)
+
+        if plan.mode == "interactive":
+            result.note = ""
+            result.exit_code = run.run_interactive(plan)
+            result.state = "COMPLETED" if result.exit_code == 0 else "FAILED"
+            return result.exit_code
+
+        sub = run.submit_batch(plan)
+        print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
+        result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
+        if inv.wait:
+            waiter = run.wait_local_job if plan.scheduler == "local" else run.wait_slurm_job
+            result.state, result.exit_code = waiter(sub.job_id)
+            print(f"{PROG}: job {sub.job_id} {result.state}, exit code {result.exit_code}", flush=True)
+        return result.exit_code
+
+    return task
+
+
+def _print_table(results: List[JobResult]) -> None:
+    rows = [("job", "state", "exit", "overrides", "run dir")]
+    for r in results:
+        rows.append((r.job_id or "-", r.state or r.note or ("submitted" if r.job_id else "-"),
+                     str(r.exit_code), " ".join(r.overrides), r.run_dir))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def _run_hydra(inv: Invocation, cwd: str) -> List[JobResult]:
+    import logging
+
+    import hydra
+
+    from toksearch_launch.config import register_configs
+
+    # Hydra logs a failed job before re-raising it; we report the error ourselves, in one line.
+    logging.getLogger("hydra.core.utils").addHandler(logging.NullHandler())
+    logging.getLogger("hydra.core.utils").propagate = False
+    register_configs()
+    results: List[JobResult] = []
+    errors: List[BaseException] = []
+    task = _make_task(inv, results, errors, cwd)
+    main = hydra.main(config_path="pkg://toksearch_launch.conf", config_name="config", version_base=None)(task)
+    saved_argv = sys.argv
+    sys.argv = [PROG, *inv.hydra_args]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*provider=hydra\.searchpath.*is not available")
+            main()
+    finally:
+        sys.argv = saved_argv
+        if inv.dry_run:
+            _clean_dry_run(results, Path(cwd))
+    if errors:
+        raise errors[0]
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``toksearch_submit``; returns (and exits with) the job's exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach us as exceptions, reported in one line
+    try:
+        inv = split_argv(argv)
+        if inv.help or not argv:
+            print(USAGE, end="")
+            return 0 if inv.help else EXIT_USAGE
+        if not inv.command and not inv.hydra_only:
+            raise UsageError("no command given: put the program to run after the overrides, e.g. python script.py")
+        results = _run_hydra(inv, os.getcwd())
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
+        from toksearch_launch.run import LaunchError
+
+        code = 1 if isinstance(exc, LaunchError) and "refused" in str(exc) else EXIT_USAGE
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return code
+    if inv.multirun and results and not inv.dry_run:
+        _print_table(results)
+    return next((r.exit_code for r in results if r.exit_code != 0), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Pure planning: the composed config and the user's command become exact argument lists.
+
+Nothing here runs a program or reads the environment: everything the plan depends
+on (is stdin a terminal, is DISPLAY set, which Slurm version) comes in as
+:class:`Facts`, so every plan is testable without SLURM. The commands are lists of
+strings, never shell strings; ``shlex`` quoting appears only in the batch script
+(a file bash reads) and in :func:`display`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig
+
+from toksearch_launch.config import CONFIG_ENV, CONFIG_FILE, RUN_DIR_ENV
+
+Version = Tuple[int, ...]
+
+#: First Slurm release whose srun refuses ``--exclusive`` and ``--overlap`` on one step
+#: ("srun: error: --exclusive and --overlap are mutually exclusive"): see
+#: :func:`refuses_exclusive_with_overlap` for the source of this boundary.
+EXCLUSIVE_OVERLAP_REFUSED_SINCE: Version = (21, 8)
+
+#: Name of the batch script written into the run directory.
+BATCH_SCRIPT = "job.sbatch"
+#: Output file of a batch job, relative to the run directory (%j: the job id).
+BATCH_OUTPUT = "slurm-%j.out"
+#: Output file of a batch job on site=local (no job id exists before it starts).
+LOCAL_BATCH_OUTPUT = "job-local.out"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the plan needs to know about the submitting machine, gathered by the caller."""
+
+    stdin_is_tty: bool = True
+    display: Optional[str] = ":0"
+    slurm_version: Optional[Version] = None
+    cwd: str = "."
+    python: str = sys.executable
+
+
+@dataclass
+class Plan:
+    """One submission: the argv to run, the batch script (batch mode) and what to tell the user."""
+
+    mode: str
+    scheduler: str
+    argv: List[str]
+    run_dir: Path
+    env: Dict[str, str]
+    script: Optional[str] = None
+    output: Optional[Path] = None
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def script_path(self) -> Path:
+        return self.run_dir / BATCH_SCRIPT
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / CONFIG_FILE
+
+
+def parse_slurm_version(text: str) -> Optional[Version]:
+    """``slurm 22.05.8`` (``srun --version``) -> (22, 5, 8); None when there is no version."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def refuses_exclusive_with_overlap(version: Optional[Version]) -> bool:
+    """Does this srun reject ``--exclusive`` together with ``--overlap`` on one step?
+
+    ``--overlap`` came in Slurm 20.11, where every 20.11.x accepts it beside
+    ``--exclusive`` (TokSearch's saga output shows the pair). Slurm 21.08.0 rejects
+    the pair: commit ab24d55bb4 "Make --exclusive and --overlap mutually exclusive."
+    (Bug 11448; NEWS for 21.08.0rc1: "Reject srun that requests both --exclusive and
+    --overlap."), in src/srun/libsrun/opt.c ``_opt_verify``. Unknown version: assume
+    nothing and plan what the options say.
+    """
+    return version is not None and tuple(version[:2]) >= EXCLUSIVE_OVERLAP_REFUSED_SINCE
+
+
+def display(argv: Sequence[str]) -> str:
+    """The command line as a user would type it (for printing only)."""
+    return shlex.join(argv)
+
+
+def _is_x11(option: str) -> bool:
+    return option == "--x11" or option.startswith("--x11=")
+
+
+def _without_x11(options: Sequence[str], key: str, facts: Facts, notes: List[str]) -> List[str]:
+    """Drop --x11 options when there is no X display: salloc would refuse to start."""
+    options = list(options)
+    if facts.display:
+        return options
+    dropped = [o for o in options if _is_x11(o)]
+    if dropped:
+        notes.append(f"DISPLAY is not set: dropped {' '.join(dropped)} from {key} (no X11 forwarding)")
+    return [o for o in options if not _is_x11(o)]
+
+
+def _job_env(run_dir: Path) -> Dict[str, str]:
+    return {CONFIG_ENV: str(run_dir / CONFIG_FILE), RUN_DIR_ENV: str(run_dir)}
+
+
+def job_command(cfg: DictConfig, command: Sequence[str], facts: Facts) -> List[str]:
+    """COMMAND as the job runs it: wrapped by the eager cluster starter when asked."""
+    if cfg.backend.start == "eager":
+        return [facts.python, "-m", "toksearch_launch.cluster.eager", "--backend", cfg.backend.name, "--", *command]
+    return list(command)
+
+
+def interactive_argv(cfg: DictConfig, command: Sequence[str], facts: Facts, notes: List[str]) -> List[str]:
+    """``salloc -N N --exclusive <salloc> srun -u --pty -N 1 --exclusive --propagate <srun> COMMAND``."""
+    salloc_opts = _without_x11(cfg.interactive.salloc, "interactive.salloc", facts, notes)
+    srun_opts = _without_x11(cfg.interactive.srun, "interactive.srun", facts, notes)
+    argv = ["salloc", "-N", str(cfg.nodes)]
+    if cfg.site.exclusive:
+        argv.append("--exclusive")
+    argv += salloc_opts
+    argv += ["srun", "-u"]
+    if facts.stdin_is_tty:
+        argv.append("--pty")
+    else:
+        notes.append("stdin is not a terminal: running the step without --pty")
+    argv += ["-N", "1"]
+    if "--overlap" in srun_opts and refuses_exclusive_with_overlap(facts.slurm_version):
+        notes.append(
+            f"Slurm {version_text(facts.slurm_version)} refuses --exclusive with --overlap on one step: "
+            "the interactive step keeps --overlap and drops --exclusive"
+        )
+    else:
+        argv.append("--exclusive")
+    argv += ["--propagate", *srun_opts]
+    return argv + list(command)
+
+
+def version_text(version: Optional[Version]) -> str:
+    """(22, 5, 8) -> "22.05.8", as Slurm prints it (year.month.patch)."""
+    if not version:
+        return "unknown"
+    parts = [str(version[0])] + [f"{version[1]:02d}"] + [str(p) for p in version[2:]]
+    return ".".join(parts)
+
+
+def _sbatch_line(*tokens: str) -> str:
+    for token in tokens:
+        if "\n" in token:
+            raise ValueError(f"batch.sbatch option {token!r} contains a newline")
+    return "#SBATCH " + " ".join(shlex.quote(t) for t in tokens)
+
+
+def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts, notes: List[str]) -> str:
+    """The job.sbatch file: #SBATCH options, the job's environment, then COMMAND (shlex-quoted)."""
+    lines = ["#!/bin/bash", _sbatch_line("-N", str(cfg.nodes))]
+    options = ["--exclusive"] if cfg.site.exclusive else []
+    options += _without_x11(cfg.batch.sbatch, "batch.sbatch", facts, notes)
+    options += [f"--job-name={cfg.batch.job_name}", f"--output={run_dir / BATCH_OUTPUT}"]
+    lines += [_sbatch_line(o) for o in options]
+    lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in _job_env(run_dir).items()]
+    lines.append(f"cd {shlex.quote(facts.cwd)}")
+    lines.append(shlex.join(command))
+    return "\n".join(lines) + "\n"
+
+
+def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts) -> Plan:
+    """Compose the full submission for one job of the (possibly multirun) sweep."""
+    if not command:
+        raise ValueError("no command given: put the program to run after the overrides, e.g. python script.py")
+    notes: List[str] = []
+    run_dir = Path(run_dir)
+    cmd = job_command(cfg, command, facts)
+    env = _job_env(run_dir)
+    scheduler = cfg.site.scheduler
+    if cfg.mode == "interactive":
+        if scheduler == "local":
+            return Plan(cfg.mode, scheduler, cmd, run_dir, env, notes=notes)
+        return Plan(cfg.mode, scheduler, interactive_argv(cfg, cmd, facts, notes), run_dir, env, notes=notes)
+    script = batch_script(cfg, cmd, run_dir, facts, notes)
+    if scheduler == "local":
+        argv = ["bash", str(run_dir / BATCH_SCRIPT)]
+        output = run_dir / LOCAL_BATCH_OUTPUT
+    else:
+        argv = ["sbatch", "--parsable", str(run_dir / BATCH_SCRIPT)]
+        output = run_dir / BATCH_OUTPUT
+    return Plan(cfg.mode, scheduler, argv, run_dir, env, script=script, output=output, notes=notes)
