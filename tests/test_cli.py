@@ -259,3 +259,17 @@ def test_wheel_ships_conf_and_runs_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"FROM {site}" in result.stdout
     assert "# run: salloc -N 2 --exclusive" in result.stdout
+
+
+def test_x11_failure_names_the_override_that_removes_it(tmp_path, standin_path):
+    env = {**standin_path, "DISPLAY": ":99", "STANDIN_FAIL_X11": "1", "STANDIN_SRUN_OPTS": "5"}
+    result = run_cli(["nodes=2", sys.executable, "-c", "print('never')"], tmp_path, env=env)
+    assert result.returncode == 1
+    assert "Cannot stat() local X11 socket" in result.stderr  # salloc's own words still reach the user
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("toksearch_submit: error: salloc could not set up X11 forwarding for DISPLAY=:99: "
+                    "run without it by adding 'interactive.salloc=[--time=4:00:00]'")
+    # and the suggested override really removes it
+    result = run_cli(["nodes=2", "interactive.salloc=[--time=4:00:00]", sys.executable, "-c", "print('ran')"],
+                     tmp_path, env=env)
+    assert result.returncode == 0 and "ran" in result.stdout

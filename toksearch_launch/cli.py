@@ -184,6 +184,7 @@ class JobResult:
     job_id: str = ""
     state: str = ""
     note: str = ""
+    scheduler: str = ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -340,13 +341,21 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         sub = run.submit_batch(plan)
         print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
         result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
-        if inv.wait:
-            waiter = run.wait_local_job if plan.scheduler == "local" else run.wait_slurm_job
-            result.state, result.exit_code = waiter(sub.job_id)
-            print(f"{PROG}: job {sub.job_id} {result.state}, exit code {result.exit_code}", flush=True)
+        result.scheduler = plan.scheduler
+        if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
+            _wait(result)
         return result.exit_code
 
     return task
+
+
+def _wait(result: JobResult) -> None:
+    """Block until a submitted batch job ends; record its state and exit code."""
+    from toksearch_launch import run
+
+    waiter = run.wait_local_job if result.scheduler == "local" else run.wait_slurm_job
+    result.state, result.exit_code = waiter(result.job_id)
+    print(f"{PROG}: job {result.job_id} {result.state}, exit code {result.exit_code}", flush=True)
 
 
 def _print_table(results: List[JobResult]) -> None:
@@ -410,9 +419,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
         from toksearch_launch.run import LaunchError
 
-        code = 1 if isinstance(exc, LaunchError) and "refused" in str(exc) else EXIT_USAGE
+        code = exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return code
+    if inv.multirun and inv.wait:
+        for result in results:
+            if result.job_id:
+                _wait(result)
     if inv.multirun and results and not inv.dry_run:
         _print_table(results)
     return next((r.exit_code for r in results if r.exit_code != 0), 0)

@@ -58,6 +58,8 @@ class Plan:
     script: Optional[str] = None
     output: Optional[Path] = None
     notes: List[str] = field(default_factory=list)
+    #: The override that removes X11 forwarding, named in the error if salloc fails on X11.
+    x11_fix: Optional[str] = None
 
     @property
     def script_path(self) -> Path:
@@ -118,6 +120,15 @@ def job_command(cfg: DictConfig, command: Sequence[str], facts: Facts) -> List[s
     if cfg.backend.start == "eager":
         return [facts.python, "-m", "toksearch_launch.cluster.eager", "--backend", cfg.backend.name, "--", *command]
     return list(command)
+
+
+def x11_fix(cfg: DictConfig) -> Optional[str]:
+    """The override a user types to drop X11 forwarding, if the options ask for it."""
+    options = list(cfg.interactive.salloc)
+    if not any(_is_x11(o) for o in options):
+        return None
+    kept = ",".join(o for o in options if not _is_x11(o))
+    return shlex.quote(f"interactive.salloc=[{kept}]")
 
 
 def interactive_argv(cfg: DictConfig, command: Sequence[str], facts: Facts, notes: List[str]) -> List[str]:
@@ -186,7 +197,8 @@ def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Fact
     if cfg.mode == "interactive":
         if scheduler == "local":
             return Plan(cfg.mode, scheduler, cmd, run_dir, env, notes=notes)
-        return Plan(cfg.mode, scheduler, interactive_argv(cfg, cmd, facts, notes), run_dir, env, notes=notes)
+        argv = interactive_argv(cfg, cmd, facts, notes)
+        return Plan(cfg.mode, scheduler, argv, run_dir, env, notes=notes, x11_fix=x11_fix(cfg) if facts.display else None)
     script = batch_script(cfg, cmd, run_dir, facts, notes)
     if scheduler == "local":
         argv = ["bash", str(run_dir / BATCH_SCRIPT)]

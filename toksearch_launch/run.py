@@ -24,6 +24,10 @@ from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, display, pa
 class LaunchError(RuntimeError):
     """Something the user must fix before a job can run; the message is one line."""
 
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 #: Job states after which a job never runs again (scontrol's JobState values).
 FINAL_STATES = {
@@ -83,10 +87,41 @@ def _child_env(plan: Plan) -> Dict[str, str]:
     return env
 
 
-def run_foreground(argv: List[str], env: Dict[str, str]) -> int:
-    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward."""
+#: What salloc/srun print when X11 forwarding cannot be set up.
+X11_FAILURES = ("x11 forwarding", "X11 socket", "x11 auth", "X11 DISPLAY")
+
+
+class _StderrWatch:
+    """Copy a child's stderr to ours as it comes, remembering whether X11 setup failed."""
+
+    def __init__(self, stream) -> None:
+        import threading
+
+        self.x11_failed = False
+        self._stream = stream
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        out = sys.stderr.buffer
+        for line in iter(self._stream.readline, b""):
+            out.write(line)
+            out.flush()
+            text = line.decode("utf-8", "replace")
+            if "error" in text.lower() and any(k.lower() in text.lower() for k in X11_FAILURES):
+                self.x11_failed = True
+
+    def join(self) -> None:
+        self._thread.join(timeout=5)
+
+
+def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False) -> tuple[int, bool]:
+    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward.
+
+    Returns (exit code, whether stderr reported an X11 setup failure).
+    """
     try:
-        proc = subprocess.Popen(argv, env=env)
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_x11 else None)
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]}: command not found") from None
     except PermissionError:
@@ -101,11 +136,15 @@ def run_foreground(argv: List[str], env: Dict[str, str]) -> int:
         signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
     }
+    watch = _StderrWatch(proc.stderr) if watch_x11 else None
     try:
-        return _exit_code(proc.wait())
+        code = _exit_code(proc.wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if watch:
+        watch.join()
+    return code, bool(watch and watch.x11_failed)
 
 
 def run_interactive(plan: Plan) -> int:
@@ -115,7 +154,12 @@ def run_interactive(plan: Plan) -> int:
     elif shutil.which(plan.argv[0]) is None:
         raise LaunchError(f"{plan.argv[0]}: command not found")
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
-    return run_foreground(plan.argv, _child_env(plan))
+    code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
+    if code != 0 and x11_failed:
+        raise LaunchError(
+            f"salloc could not set up X11 forwarding for DISPLAY={os.environ.get('DISPLAY', '')}: "
+            f"run without it by adding {plan.x11_fix}", exit_code=code)
+    return code
 
 
 def submit_batch(plan: Plan) -> Submission:
@@ -133,7 +177,7 @@ def submit_batch(plan: Plan) -> Submission:
     result = subprocess.run(plan.argv, env=_child_env(plan), capture_output=True, text=True)
     if result.returncode != 0:
         message = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
-        raise LaunchError(f"sbatch refused the job: {message}")
+        raise LaunchError(f"sbatch refused the job: {message}", exit_code=1)
     job_id = result.stdout.strip().split(";")[0]
     output = str(plan.output).replace("%j", job_id)
     return Submission(job_id=job_id, run_dir=str(plan.run_dir), output=output)
