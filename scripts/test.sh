@@ -20,6 +20,7 @@ else
 fi
 t=$(now)
 rc=0
-.venv/bin/python -m pytest -ra "${marker[@]}" "$@" || rc=$?
+TOKSEARCH_REQUIRE_SLURM=$([ "$(id -u)" = 0 ] && echo 1 || echo 0) \
+    .venv/bin/python -m pytest -ra "${marker[@]}" "$@" || rc=$?
 phase pytest "$t"
 exit "$rc"

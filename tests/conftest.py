@@ -54,3 +54,16 @@ def read_record(env: dict) -> List[list]:
 
     path = Path(env["STANDIN_RECORD"])
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `slurm` need the ci/slurm cluster: skip without it, or fail when CI requires it."""
+    if item.get_closest_marker("slurm") is None:
+        return
+    from slurm_support import cluster_problem
+
+    problem = cluster_problem()
+    if problem:
+        if os.environ.get("TOKSEARCH_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM test cluster required but not usable: {problem}")
+        pytest.skip(problem)
