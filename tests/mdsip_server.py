@@ -43,6 +43,7 @@ import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -112,6 +113,35 @@ def demo_trees() -> Trees:
             r"\EMPTY": Entry(None),
         }
     return make_trees(trees)
+
+
+class GeneratedShots(Mapping):
+    """A tree's shots made on demand: ``\\IPMHD`` for every shot in ``shots``, deterministic per shot.
+
+    Lets end-to-end tests run TokSearch's example (10,000 shots of efit01) against
+    this server without building the whole archive in memory.
+    """
+
+    def __init__(self, shots: range, samples: int = 200) -> None:
+        self.shots = shots
+        self.times = np.linspace(0.0, 5.0, samples)
+
+    def __getitem__(self, shot: int) -> Dict[str, Entry]:
+        if shot not in self.shots:
+            raise KeyError(shot)
+        ip = 1.0e6 * np.sin(np.pi * self.times / 5.0) * (1.0 + (shot % 97) / 97.0)
+        return {node_key(r"\ipmhd"): Entry(ip, "A", [self.times], ["s"])}
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shots)
+
+    def __len__(self) -> int:
+        return len(self.shots)
+
+
+def example_trees(first: int = 165920, count: int = 10000) -> Trees:
+    """What TokSearch's example fetches: efit01 ``\\ipmhd`` for ``count`` shots from ``first``."""
+    return {"efit01": GeneratedShots(range(first, first + count))}  # type: ignore[dict-item]
 
 
 class TdiError(Exception):
@@ -482,10 +512,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: an ephemeral port")
     parser.add_argument("--mode", default="ok", choices=MdsipServer.MODES)
+    parser.add_argument("--trees", default="demo", choices=("demo", "example"),
+                        help="demo: a few hand-made shots; example: efit01 \\ipmhd for TokSearch's 10,000 example shots")
     args = parser.parse_args(argv)
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # threads inherit the mask; main waits below
-    server = MdsipServer(demo_trees(), mode=args.mode, host=args.host, port=args.port).start()
+    trees = example_trees() if args.trees == "example" else demo_trees()
+    server = MdsipServer(trees, mode=args.mode, host=args.host, port=args.port).start()
     print(f"LISTENING {server.address}", flush=True)
     try:
         signal.sigwait(stop_signals)
