@@ -1,5 +1,36 @@
-"""Signals: where a pipeline's fetched fields come from."""
+"""Signals: where a pipeline's fetched fields come from.
+
+``Signal`` is the contract (base.py). ``FileSignal`` and ``SyntheticSignal`` (local.py)
+need no server; ``MdsSignal`` (mds.py) reads MDSplus. All but ``Signal`` are loaded
+on first use, so importing this package imports neither h5py nor mdsthin, and
+``python -m toksearch_launch.signals.local`` runs without a double import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from toksearch_launch.signals.base import Signal
 
-__all__ = ["Signal"]
+_LAZY = {
+    "FileSignal": "toksearch_launch.signals.local",
+    "SyntheticSignal": "toksearch_launch.signals.local",
+    "SignalNotFound": "toksearch_launch.signals.local",
+    "MdsSignal": "toksearch_launch.signals.mds",
+}
+
+__all__ = ["Signal", "FileSignal", "SyntheticSignal", "SignalNotFound", "MdsSignal"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))

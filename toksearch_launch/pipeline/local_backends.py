@@ -1,0 +1,147 @@
+"""Backends that need no cluster: serial (the reference) and a multiprocessing pool."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing
+import os
+import pickle
+from typing import Any, List, Optional, Sequence, Union
+
+from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive
+from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition, run_partition_wire
+from toksearch_launch.pipeline.results import ResultSet
+
+#: Upper bound of the automatic multiprocessing batch size (bounds a task's memory).
+MAX_AUTO_BATCH = 2000
+
+
+class SerialExecutor:
+    """Runs partitions one after another in this process."""
+
+    def __init__(self, ops: Sequence[Op]) -> None:
+        self.ops = ops
+
+    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]:
+        results = []
+        for chunk in chunks:
+            recs, stats = run_partition(self.ops, chunk)
+            on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
+            results.append((recs, stats))
+        return results
+
+
+def compute_serial(ops: Sequence[Op], records: List[Item], verbose: bool = False) -> ResultSet:
+    """All records as one partition in this process (``records`` are consumed: pass copies)."""
+    return drive(
+        SerialExecutor(ops),
+        records,
+        backend="serial",
+        num_cpus=1,
+        numparts=1,
+        batch_size=None,
+        verbose=verbose,
+    )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def dumps_ops(ops: Sequence[Op]) -> bytes:
+    """Pickle the steps; closures and functions of ``__main__`` need cloudpickle (Ray's or Spark's copy)."""
+    try:
+        return pickle.dumps(list(ops), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as first:
+        for name in ("cloudpickle", "pyspark.cloudpickle", "ray.cloudpickle"):
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            return module.dumps(list(ops), protocol=pickle.HIGHEST_PROTOCOL)
+        raise TypeError(
+            f"the pipeline's steps cannot be pickled ({first}); define functions at module level "
+            "or install cloudpickle"
+        ) from first
+
+
+_WORKER_OPS: Optional[List[Op]] = None
+
+
+def _mp_init(payload: bytes) -> None:
+    """Pool initializer: unpickle the steps once per worker process, not once per task."""
+    global _WORKER_OPS
+    _WORKER_OPS = pickle.loads(payload)
+
+
+def _mp_run(task: Any) -> Any:
+    index, chunk = task
+    assert _WORKER_OPS is not None
+    return index, run_partition_wire(_WORKER_OPS, chunk)
+
+
+class PoolExecutor:
+    """Runs partitions as tasks of a multiprocessing pool, collecting them as they finish."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]:
+        results: List[Optional[PartitionResult]] = [None] * len(chunks)
+        for index, (rows, stats) in self.pool.imap_unordered(_mp_run, enumerate(chunks)):
+            results[index] = (records_from_wire(rows), stats)
+            on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
+        return results  # type: ignore[return-value]
+
+
+def auto_batch_size(n_records: int, num_workers: int) -> int:
+    """About four tasks per worker (load balance) but never huge tasks (memory)."""
+    return max(1, min(MAX_AUTO_BATCH, math.ceil(n_records / (4 * num_workers))))
+
+
+def compute_multiprocessing(
+    ops: Sequence[Op],
+    records: List[Item],
+    num_workers: Optional[int] = None,
+    batch_size: Union[int, str] = "auto",
+    verbose: bool = False,
+    start_method: Optional[str] = None,
+) -> ResultSet:
+    """A pool of ``num_workers`` processes, ``batch_size`` records per task."""
+    workers = usable_cpus() if num_workers is None else int(num_workers)
+    if workers < 1:
+        raise ValueError(f"num_workers must be 1 or more, got {num_workers!r}")
+    if not records:
+        return ResultSet([], None, {"backend": "multiprocessing", "num_cpus": workers})
+    if batch_size == "auto" or batch_size is None:
+        size = auto_batch_size(len(records), workers)
+    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        size = batch_size
+    else:
+        raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
+    payload = dumps_ops(ops)
+    ctx = multiprocessing.get_context(start_method)
+    pool = ctx.Pool(processes=workers, initializer=_mp_init, initargs=(payload,))
+    try:
+        result = drive(
+            PoolExecutor(pool),
+            records,
+            backend="multiprocessing",
+            num_cpus=workers,
+            numparts=math.ceil(len(records) / size),
+            batch_size=None,
+            verbose=verbose,
+            info={"batch_size": size},
+        )
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return result
