@@ -158,7 +158,7 @@ def test_every_group_combination_composes_validates_and_plans(site, mode, backen
     validate(cfg)
     assert (cfg.site.name, cfg.mode, cfg.backend.name) == (site, mode, backend)
     p = plan_job(cfg, COMMAND, RUN_DIR, TTY_X)
-    assert p.argv[-3:] == COMMAND if mode == "interactive" else p.script.rstrip().endswith("toksearch_example.py ray")
+    assert p.argv[-3:] == COMMAND if mode == "interactive" else p.script.rstrip().endswith("exec python toksearch_example.py ray")
     for group in (cfg.interactive.salloc, cfg.ray.worker.start, cfg.spark.worker.start):
         assert all(isinstance(o, str) for o in group)
 

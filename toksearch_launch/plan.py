@@ -181,7 +181,9 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
     lines += [f"export {name}={shlex.quote(value)}" for name, value in _job_env(run_dir).items()]
     lines.append(f"cd {shlex.quote(facts.cwd)}")
-    lines.append(shlex.join(command))
+    # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
+    # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
+    lines.append("exec " + shlex.join(command))
     return "\n".join(lines) + "\n"
 
 

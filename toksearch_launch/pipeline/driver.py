@@ -162,21 +162,3 @@ def drive(
         )
     result.warn_where_errors()
     return result
-
-
-def job_cluster_or_none(kind: str) -> Any:
-    """The toksearch_submit job's cluster for ``kind`` ("ray"/"spark"), started if lazy; None outside a job."""
-    from toksearch_launch.config import CONFIG_ENV
-
-    try:
-        from toksearch_launch.cluster import job_cluster
-    except ImportError as exc:
-        import os
-
-        if os.environ.get(CONFIG_ENV):
-            raise RuntimeError(
-                f"inside a toksearch job ({CONFIG_ENV} is set) but toksearch_launch.cluster.job_cluster "
-                f"is unavailable: {exc}"
-            ) from exc
-        return None
-    return job_cluster(kind)

@@ -7,7 +7,8 @@ import logging
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive, job_cluster_or_none
+from toksearch_launch.cluster import job_cluster
+from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
 
@@ -104,7 +105,7 @@ def compute_ray(
             f"compute_ray: Ray is already initialized; ignoring {sorted(ray_init_kwargs)}", RuntimeWarning, stacklevel=3
         )
     if not ray.is_initialized():
-        cluster = job_cluster_or_none("ray")
+        cluster = job_cluster("ray")
         if cluster is not None:
             # The job's cluster owns this connection and closes it when the job ends:
             # a second compute_ray() in the script reuses it.

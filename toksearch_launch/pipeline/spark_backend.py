@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive, job_cluster_or_none, progress_wanted
+from toksearch_launch.cluster import job_cluster
+from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive, progress_wanted
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
@@ -139,7 +140,7 @@ def compute_spark(
     if sc is None:
         sc = SparkContext._active_spark_context
         if sc is None:
-            cluster = job_cluster_or_none("spark")
+            cluster = job_cluster("spark")
             if cluster is not None:
                 # The job's cluster owns this session and stops it when the job ends:
                 # a second compute_spark() in the script reuses it.
@@ -177,22 +178,9 @@ def stop_local_session(session: Any, stop_gateway: bool) -> None:
     SPARK_CONF_DIR of a job cluster's auth), so leaving it running would make a
     later connection to another cluster fail; it would also outlive the run.
     """
-    from pyspark import SparkContext
+    if stop_gateway:
+        from toksearch_launch.cluster.spark import disconnect
 
-    session.stop()
-    if not stop_gateway or SparkContext._gateway is None:
-        return
-    gateway, SparkContext._gateway, SparkContext._jvm = SparkContext._gateway, None, None
-    proc = getattr(gateway, "proc", None)
-    try:
-        gateway.shutdown()
-    except Exception:
-        pass
-    if proc is not None:
-        try:
-            if proc.stdin:
-                proc.stdin.close()  # the driver JVM exits when its stdin closes
-            proc.wait(timeout=10)
-        except Exception:
-            proc.kill()
-            proc.wait()
+        disconnect(session)  # the session, then the driver JVM
+    else:
+        session.stop()

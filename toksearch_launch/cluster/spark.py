@@ -1,0 +1,251 @@
+"""The Spark standalone part: master/worker commands, readiness probe, driver config.
+
+Never imports pyspark at module level.  Secrets: the daemons get
+``_SPARK_AUTH_SECRET`` in their environment plus ``-Dspark.authenticate=true``
+in SPARK_MASTER_OPTS / SPARK_WORKER_OPTS; the driver reads a 0600
+``spark-defaults.conf`` from its own SPARK_CONF_DIR.  The secret is never on
+a command line (pyspark's ``builder.config("spark.authenticate.secret", ...)``
+would put it on the driver JVM's argv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.request
+from typing import Any, Optional
+
+from .plan import DAEMON_ENV, ClusterPlan, spark_class, write_private
+from .procs import ENV_MARK, Daemon
+
+NAME = "spark"
+MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+
+
+def _env_base(plan: ClusterPlan, index: int, node_dir: str) -> dict[str, str]:
+    _, home = spark_class()
+    env = {
+        "_SPARK_AUTH_SECRET": plan.secret,
+        "PYSPARK_PYTHON": sys.executable,
+        # daemon temp files (Jetty, JVM) in our dir, removed at teardown
+        "SPARK_DAEMON_JAVA_OPTS": f"-Djava.io.tmpdir={node_dir} -XX:-UsePerfData",
+        DAEMON_ENV: NAME,
+        ENV_MARK: plan.root,
+    }
+    if home:
+        env["SPARK_HOME"] = home
+    if plan.addresses[index]:  # web UIs bind here, not 0.0.0.0 (SLURM interface rule: the wrapper sets it)
+        env["SPARK_LOCAL_IP"] = plan.addresses[index]
+    return env
+
+
+def master_url(plan: ClusterPlan) -> str:
+    return f"spark://{plan.head_ip}:{plan.ports.head['master']}"
+
+
+def master_argv(plan: ClusterPlan) -> list[str]:
+    h = plan.ports.head
+    return [
+        spark_class()[0], MASTER_CLASS, "--host", plan.head_ip, "--port", str(h["master"]),
+        "--webui-port", str(h["master_ui"]),
+        *map(str, plan.cfg.spark.master.start),
+    ]
+
+
+def worker_argv(plan: ClusterPlan, index: int) -> list[str]:
+    slot = plan.ports.nodes[index]
+    argv = [
+        spark_class()[0], WORKER_CLASS, "--host", plan.ip(index),
+        "--port", str(slot["worker"]), "--webui-port", str(slot["worker_ui"]),
+        "--work-dir", f"{plan.node_dir(index)}/work",
+    ]
+    if plan.scheduler == "local":
+        argv += ["-c", str(plan.cpus_per_node)]
+    return argv + [*map(str, plan.cfg.spark.worker.start), master_url(plan)]
+
+
+def daemons(plan: ClusterPlan) -> list[Daemon]:
+    """Master on node 0, one worker on every node (node 0 included)."""
+    menv = _env_base(plan, 0, plan.master_dir)
+    # REST submission off; a taken port fails the start instead of silently moving
+    menv["SPARK_MASTER_OPTS"] = (
+        "-Dspark.authenticate=true -Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0"
+    )
+    out = [Daemon(
+        "spark-master", plan.hosts[0], 0,
+        plan.launch_argv(0, master_argv(plan), list(plan.cfg.spark.master.srun), spark=True,
+                         node_dir=plan.master_dir, check_ports=[] if plan.dry_run else plan.ports.head_ports()),
+        plan.log_path("spark-master", plan.hosts[0]), menv, plan.addresses[0],
+    )]
+    for index in range(plan.n_nodes):
+        host = plan.hosts[index]
+        wenv = _env_base(plan, index, plan.node_dir(index))
+        wenv["SPARK_WORKER_OPTS"] = "-Dspark.authenticate=true -Dspark.port.maxRetries=0"
+        wenv["SPARK_LOCAL_DIRS"] = f"{plan.node_dir(index)}/local"
+        out.append(Daemon(
+            "spark-worker", host, index,
+            plan.launch_argv(index, worker_argv(plan, index), list(plan.cfg.spark.worker.srun), spark=True,
+                             check_ports=None if plan.dry_run else plan.ports.ports_of_node(index, head=False)),
+            plan.log_path("spark-worker", host), wenv, plan.addresses[index],
+        ))
+    return out
+
+
+#: Workers start as soon as the master's RPC port answers (one started before may
+#: miss the master and wait ~10 s for its registration retry).
+WORKERS_WAIT_FOR_HEAD = True
+
+
+def address(plan: ClusterPlan) -> str:
+    return master_url(plan)
+
+
+def conf_dir(plan: ClusterPlan) -> str:
+    return f"{plan.root}/spark-conf"
+
+
+def driver_conf(plan: ClusterPlan) -> dict[str, str]:
+    """The driver's settings (secret included): written to the 0600 spark-defaults.conf."""
+    h = plan.ports.head
+    return {
+        "spark.master": master_url(plan),
+        "spark.authenticate": "true",
+        "spark.authenticate.secret": plan.secret,
+        "spark.driver.host": plan.head_ip,
+        "spark.driver.bindAddress": plan.head_ip,
+        "spark.driver.port": str(h["driver"]),
+        "spark.driver.blockManager.port": str(h["driver_block_manager"]),
+        "spark.ui.enabled": "false",
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.local.dir": f"{plan.root}/driver",
+    }
+
+
+def write_driver_conf(plan: ClusterPlan) -> None:
+    """SPARK_CONF_DIR for drivers: the user's spark-defaults.conf first (if any), ours after."""
+    d = conf_dir(plan)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    lines = []
+    user_dir = os.environ.get("SPARK_CONF_DIR")
+    if user_dir and os.path.abspath(user_dir) != d:
+        try:
+            with open(os.path.join(user_dir, "spark-defaults.conf")) as fh:
+                lines.append(fh.read().rstrip("\n"))
+        except OSError:
+            pass
+    lines += [f"{k} {v}" for k, v in driver_conf(plan).items()]
+    write_private(os.path.join(d, "spark-defaults.conf"), "\n".join(lines) + "\n")
+
+
+def client_env(plan: ClusterPlan) -> dict[str, str]:
+    env = {
+        "SPARK_MASTER_URL": master_url(plan),
+        "SPARK_CONF_DIR": conf_dir(plan),
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": plan.head_ip,  # the driver runs on the head node: bind there
+    }
+    _, home = spark_class()
+    if home:
+        env["SPARK_HOME"] = home
+    return env
+
+
+# ------------------------------------------------------------------ readiness
+
+
+class Probe:
+    """Master RPC port answers (head up) -> master /json/ ALIVE with ``expected`` workers ALIVE."""
+
+    def __init__(self, plan: ClusterPlan, expected: int) -> None:
+        self.host = plan.head_ip
+        self.rpc_port = plan.ports.head["master"]
+        self.url = f"http://{plan.head_ip}:{plan.ports.head['master_ui']}/json/"
+        self.expected = expected
+        self.head_up = False
+        self.workers: list[dict] = []
+        self.error: Optional[str] = None
+
+    @property
+    def workers_go(self) -> bool:
+        """Workers may start: the master's RPC port answers."""
+        return self.head_up
+
+    def poll(self) -> bool:
+        if not self.head_up:
+            try:
+                socket.create_connection((self.host, self.rpc_port), timeout=0.3).close()
+                self.head_up = True
+            except OSError:
+                return False
+        try:
+            with urllib.request.urlopen(self.url, timeout=1.0) as resp:
+                state = json.load(resp)
+        except (OSError, ValueError) as exc:
+            self.error = str(exc)
+            return False
+        self.workers = [w for w in state.get("workers", []) if w.get("state") == "ALIVE"]
+        return state.get("status") == "ALIVE" and len(self.workers) >= self.expected
+
+    @property
+    def ips(self) -> list[str]:
+        return [w.get("host", "") for w in self.workers]
+
+    @property
+    def cpus(self) -> int:
+        return int(sum(w.get("cores", 0) for w in self.workers))
+
+    @property
+    def alive(self) -> list[dict]:
+        return self.workers
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ driver
+
+
+def connect(cluster: Any, **kwargs: Any) -> Any:
+    """A SparkSession bound to the master; the secret reaches the driver JVM only via SPARK_CONF_DIR."""
+    for k, v in cluster.client_env().items():
+        os.environ[k] = v
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(cluster.address)
+    builder = builder.appName(str(kwargs.pop("app_name", "toksearch")))
+    for k, v in kwargs.items():
+        if "secret" in k.lower():
+            raise ValueError(f"{k}: secrets go through SPARK_CONF_DIR, never through the builder (argv)")
+        builder = builder.config(k, v)
+    return builder.getOrCreate()
+
+
+def disconnect(session: Any) -> None:
+    """Stop the session and its driver JVM (it read this cluster's SPARK_CONF_DIR at launch and
+    could not serve another cluster); a later connect() launches a fresh one."""
+    try:
+        session.stop()
+    finally:
+        from pyspark import SparkContext
+
+        gateway = SparkContext._gateway
+        SparkContext._gateway = None
+        SparkContext._jvm = None
+        if gateway is not None:
+            proc = getattr(gateway, "proc", None)
+            try:
+                gateway.shutdown()
+            except Exception:
+                pass
+            if proc is not None:
+                try:
+                    if proc.stdin:
+                        proc.stdin.close()  # the driver JVM exits when its stdin closes
+                    proc.wait(timeout=5)
+                except Exception:
+                    proc.kill()
+                    proc.wait()
