@@ -546,3 +546,22 @@ def test_multiprocessing_arguments():
     assert len(Pipeline([]).compute_multiprocessing()) == 0
     rs = p.compute_multiprocessing(num_workers=1, start_method="spawn")
     assert [r.shot for r in rs] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("backend", ["ray", "spark"])
+def test_compute_uses_the_jobs_default_backend(tmp_path, monkeypatch, backend):
+    """`backend=spark` on the launcher's command line makes Pipeline.compute() use Spark."""
+    from omegaconf import OmegaConf
+
+    from toksearch_launch.config import CONFIG_ENV, default_config
+
+    cfg = default_config()
+    cfg.backend.name = backend
+    path = tmp_path / "toksearch.yaml"
+    OmegaConf.save(cfg, path)
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    called = []
+    monkeypatch.setattr(Pipeline, "compute_ray", lambda self, **kw: called.append(("ray", kw)))
+    monkeypatch.setattr(Pipeline, "compute_spark", lambda self, **kw: called.append(("spark", kw)))
+    Pipeline([1, 2]).compute(numparts=3)
+    assert called == [(backend, {"numparts": 3})]

@@ -122,6 +122,16 @@ class Pipeline:
         """Run the pipeline on one shot here."""
         return self.compute_record(shot)
 
+    def compute(self, **kwargs: Any) -> ResultSet:
+        """On the job's default backend (``backend=ray|spark`` of the launcher's config;
+        Ray outside a job): ``compute_ray(**kwargs)`` or ``compute_spark(**kwargs)``."""
+        from toksearch_launch.config import default_config, load_job_config
+
+        cfg = load_job_config() or default_config()
+        if cfg.backend.name == "spark":
+            return self.compute_spark(**kwargs)
+        return self.compute_ray(**kwargs)
+
     def compute_serial(self, verbose: bool = False) -> ResultSet:
         """In this process, one record after another: the reference the other backends must match."""
         from toksearch_launch.pipeline.local_backends import compute_serial
