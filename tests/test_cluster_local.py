@@ -32,6 +32,9 @@ PY = sys.executable
 # ------------------------------------------------------------------ helpers
 
 
+#: The environment before any cluster connected this process (connect() must undo its changes).
+ENV_BEFORE = dict(os.environ)
+
 def nothing_left(cluster: Cluster) -> None:
     """No process in any session we started, marked with or naming any temp dir we used; dirs removed."""
     left = procs.members(set(cluster.started_pids), cluster.roots)
@@ -203,6 +206,7 @@ def test_ray_two_clusters_tasks_on_every_node_auth_and_teardown(tmp_path):
         stop_time = time.monotonic() - t
     assert stop_time < 10
     nothing_left(a)
+    assert not any(k.startswith("RAY_AUTH") for k in os.environ if k not in ENV_BEFORE), "connect() env not undone"
     print(f"\nray: 3 nodes ready in {started:.1f} s beside a 2-node cluster; stop {stop_time:.1f} s")
 
 
@@ -376,4 +380,6 @@ def test_spark_executors_on_every_worker_auth_and_teardown(tmp_path):
         stop_time = time.monotonic() - t
     assert stop_time < 10
     nothing_left(c)
+    assert {k: os.environ.get(k) for k in ("SPARK_CONF_DIR", "SPARK_LOCAL_IP", "SPARK_MASTER_URL")} == \
+        {k: ENV_BEFORE.get(k) for k in ("SPARK_CONF_DIR", "SPARK_LOCAL_IP", "SPARK_MASTER_URL")}, "connect() env not undone"
     print(f"\nspark: 2 workers ready in {started:.1f} s; stop (session + daemons) {stop_time:.1f} s")

@@ -252,6 +252,7 @@ class Cluster:
         #: every temp dir root it used
         self.roots: list[str] = []
         self._owner = True
+        self._saved_env: Optional[dict[str, Optional[str]]] = None
         self._started = False
         self._stopping = False
         self._stopped = False
@@ -339,6 +340,8 @@ class Cluster:
         """Ray: ``ray.init(address=...)`` (returns its context). Spark: a SparkSession on the master."""
         if not (self._started or not self._owner):
             raise ClusterError("the cluster is not started")
+        if self._saved_env is None:  # connect() points this process at the cluster; stop() undoes it
+            self._saved_env = {k: os.environ.get(k) for k in [*self.client_env(), "RAY_AUTH_TOKEN"]}
         self._session = self._mod.connect(self, **kwargs)
         _reinstall_signal_hooks()
         return self._session
@@ -511,15 +514,31 @@ class Cluster:
 
     def _disconnect(self) -> None:
         session, self._session = self._session, None
-        if session is None:
-            return
         try:
+            if session is None:
+                return
             if self.backend == "ray":
                 self._mod.disconnect()
             else:
                 self._mod.disconnect(session)
         except Exception as exc:  # never let a driver problem block the teardown
             self._note(f"disconnect: {exc}", logging.WARNING)
+        finally:
+            self._restore_env()
+
+    def _restore_env(self) -> None:
+        """Give this process back the environment it had before connect() (auth paths, addresses):
+        a later local ray.init() or SparkSession must not look for this cluster's removed secrets."""
+        saved, self._saved_env = self._saved_env, None
+        if saved is None:
+            return
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self.backend == "ray" and "ray" in sys.modules:
+            self._mod._refresh_auth_config()
 
     def _teardown(self, quiet: bool) -> None:
         """Stop daemons, remove dirs; a SIGTERM arriving meanwhile waits until this is done."""
