@@ -21,6 +21,6 @@ fi
 t=$(now)
 rc=0
 TOKSEARCH_REQUIRE_SLURM=$([ "$(id -u)" = 0 ] && echo 1 || echo 0) \
-    .venv/bin/python -m pytest -ra "${marker[@]}" "$@" || rc=$?
+    .venv/bin/python -m pytest -ra --durations=25 "${marker[@]}" "$@" || rc=$?
 phase pytest "$t"
 exit "$rc"
