@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,27 +20,12 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
+from slurm_support import NODES
 from toksearch_launch.cluster import default_local_config, procs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-NODES = ["tsn1", "tsn2", "tsn3"]
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    states = dict(line.split() for line in out.splitlines() if line.strip())
-    return all(states.get(n, "").startswith(("idle", "mix", "alloc")) for n in NODES)
-
-
-if not _cluster_up():
-    pytest.skip("the ci/slurm test cluster (tsn1..tsn3) is not up", allow_module_level=True)
 
 
 def job_config(path: Path, method: str) -> Path:

@@ -122,6 +122,22 @@ def case_example(shots) -> Pipeline:
     return p
 
 
+def case_closure() -> Pipeline:
+    """A map defined inside a function, closing over a local: it must be shipped to the workers."""
+    import numpy as np
+
+    scale = 2.5
+    p = Pipeline(range(10))
+    p.fetch("ip", SyntheticSignal("ip", n=10))
+
+    @p.map
+    def scaled_peak(rec):
+        rec["peak"] = scale * np.max(np.abs(rec["ip"]["data"]))
+
+    p.keep(["peak"])
+    return p
+
+
 def case_everything(shots) -> Pipeline:
     """Every kind of step, with failures of each kind."""
     p = Pipeline(shots)

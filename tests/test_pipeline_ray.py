@@ -14,7 +14,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from test_pipeline import FIXED_CASES, assert_same_results, case_example
+from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_example
 
 ray = pytest.importorskip("ray")
 
@@ -85,22 +85,8 @@ def test_memory_per_shot_is_accepted(local_ray):
 
 
 def test_closures_reach_the_workers(local_ray):
-    import numpy as np
-
-    from toksearch_launch import Pipeline
-    from toksearch_launch.signals import SyntheticSignal
-
-    scale = 2.5
-    p = Pipeline(range(10))
-    p.fetch("ip", SyntheticSignal("ip", n=10))
-
-    @p.map
-    def scaled_peak(rec):
-        rec["peak"] = scale * np.max(np.abs(rec["ip"]["data"]))
-
-    p.keep(["peak"])
-    want = p.compute_serial()
-    assert_same_results(p.compute_ray(verbose=False), want)
+    p = case_closure()
+    assert_same_results(p.compute_ray(verbose=False), p.compute_serial())
 
 
 def test_progress_display_on_a_terminal(local_ray, monkeypatch):

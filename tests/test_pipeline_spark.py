@@ -13,7 +13,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from test_pipeline import FIXED_CASES, assert_same_results, case_example
+from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_example
 
 pyspark = pytest.importorskip("pyspark")
 
@@ -65,20 +65,7 @@ def test_default_partitioning_and_summary(session):
 
 
 def test_closures_reach_the_workers(session):
-    import numpy as np
-
-    from toksearch_launch import Pipeline
-    from toksearch_launch.signals import SyntheticSignal
-
-    scale = 2.5
-    p = Pipeline(range(10))
-    p.fetch("ip", SyntheticSignal("ip", n=10))
-
-    @p.map
-    def scaled_peak(rec):
-        rec["peak"] = scale * np.max(np.abs(rec["ip"]["data"]))
-
-    p.keep(["peak"])
+    p = case_closure()
     assert_same_results(p.compute_spark(verbose=False), p.compute_serial())
 
 

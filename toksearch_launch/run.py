@@ -148,10 +148,11 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
 
 
 def run_interactive(plan: Plan) -> int:
-    """salloc ... srun ... COMMAND (or COMMAND itself on site=local); returns the job's exit code."""
-    if plan.scheduler == "slurm":
-        require_program("salloc")
-    elif shutil.which(plan.argv[0]) is None:
+    """salloc ... srun ... COMMAND (or COMMAND itself on site=local); returns the job's exit code.
+
+    On SLURM the caller has checked, before writing anything, that salloc is there
+    (:func:`require_program`)."""
+    if plan.scheduler == "local" and shutil.which(plan.argv[0]) is None:
         raise LaunchError(f"{plan.argv[0]}: command not found")
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
@@ -163,7 +164,8 @@ def run_interactive(plan: Plan) -> int:
 
 
 def submit_batch(plan: Plan) -> Submission:
-    """Submit the written job.sbatch; site=local starts it detached in its own session."""
+    """Submit the written job.sbatch (the caller has checked sbatch is there); site=local starts
+    it detached in its own session."""
     if plan.scheduler == "local":
         output = plan.run_dir / LOCAL_BATCH_OUTPUT
         with open(output, "wb") as out:
@@ -172,7 +174,6 @@ def submit_batch(plan: Plan) -> Submission:
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return Submission(job_id=f"local-{proc.pid}", run_dir=str(plan.run_dir), output=str(output))
-    require_program("sbatch")
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     result = subprocess.run(plan.argv, env=_child_env(plan), capture_output=True, text=True)
     if result.returncode != 0:
