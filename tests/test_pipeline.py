@@ -21,14 +21,16 @@ import pytest
 from toksearch_launch import Pipeline, Record
 from toksearch_launch.pipeline import ProtectedFieldError, ResultSet
 from toksearch_launch.pipeline.driver import default_numparts, median_size, split_evenly
-from toksearch_launch.pipeline.record import InvalidShotNumber, MissingShotNumber
+from toksearch_launch.pipeline.record import InvalidRecordField, InvalidShotNumber, MissingShotNumber
 from toksearch_launch.signals import Signal, SyntheticSignal
 
 # --------------------------------------------------------------------------- helpers
 
 
 def deep_equal(a: Any, b: Any) -> bool:
-    """Structural equality that understands numpy arrays and NaN."""
+    """Structural equality that understands numpy arrays, NaN and xarray objects (values, coords, attrs)."""
+    if type(a).__module__.startswith("xarray") or type(b).__module__.startswith("xarray"):
+        return type(a) is type(b) and a.identical(b)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         a, b = np.asarray(a), np.asarray(b)
         if a.dtype != b.dtype or a.shape != b.shape:
@@ -214,8 +216,7 @@ def test_record_protects_shot_and_errors():
     for key in ("shot", "errors"):
         with pytest.raises(ProtectedFieldError):
             del rec[key]
-        with pytest.raises(ProtectedFieldError):
-            rec.pop(key)
+        assert rec.pop(key) is None and key in rec  # TokSearch: pop of shot/errors/key does nothing
     with pytest.raises(ProtectedFieldError):
         rec.popitem()
     rec.keep(["a"])
@@ -228,10 +229,18 @@ def test_record_protects_shot_and_errors():
 
 
 def test_record_from_dict():
-    rec = Record.from_dict({"shot": "12", "a": 1, "errors": {"old": {"type": "X", "message": "", "traceback": ""}}})
-    assert rec.shot == 12 and rec["a"] == 1 and "old" in rec.errors
+    rec = Record.from_dict({"shot": "12", "a": 1})
+    assert rec.shot == 12 and rec["a"] == 1 and rec.errors == {}
     with pytest.raises(MissingShotNumber):
         Record.from_dict({"a": 1})
+    for reserved in ("key", "errors"):  # TokSearch's reserved source fields
+        with pytest.raises(InvalidRecordField, match=reserved):
+            Record.from_dict({"shot": 1, reserved: {}})
+        with pytest.raises(InvalidRecordField):
+            Pipeline([{"shot": 1, reserved: 2}])
+    # A Record (e.g. from a ResultSet) keeps its errors as the source of a new pipeline.
+    old = Record(5, {"errors": {"x": {"label": "x"}}})
+    assert Pipeline([old]).compute_serial()[0].errors == {"x": {"label": "x"}}
 
 
 def test_record_set_error_never_overwrites():
@@ -242,8 +251,9 @@ def test_record_set_error_never_overwrites():
         except KeyError as exc:
             rec.set_error("f", exc)
     assert list(rec.errors) == ["f", "f_1", "f_2"]
-    info = rec.errors["f"]
-    assert info["type"] == "KeyError" and "boom" in info["message"] and "Traceback" in info["traceback"]
+    info = rec.errors["f_1"]  # TokSearch's entry: label, type (str of the class), traceback
+    assert info["label"] == "f_1" and info["type"] == "<class 'KeyError'>"
+    assert "boom" in info["message"] and info["traceback"].startswith("Traceback") and "KeyError: 'boom'" in info["traceback"]
 
 
 def test_record_pickles_and_copies_deeply():
@@ -300,7 +310,7 @@ def test_failing_fetch_leaves_none_and_error():
     p.fetch("sig", SyntheticSignal("sig", missing_every=2))
     r = p.compute_serial()
     assert r[1]["sig"] is None
-    assert r[1].errors["sig"]["type"] == "SignalNotFound"
+    assert r[1].errors["sig"]["type"] == "<class 'toksearch_launch.signals.local.SignalNotFound'>"
     assert "shot 2" in r[1].errors["sig"]["message"]
     assert r[0]["sig"] is not None and r[0].errors == {}
 
@@ -315,7 +325,7 @@ def test_failing_map_records_function_name_and_run_continues():
     p.map(after)
     r = p.compute_serial()
     assert len(r) == 6
-    assert set(r[2].errors) == {"fail_mod3"} and r[2].errors["fail_mod3"]["type"] == "ValueError"
+    assert set(r[2].errors) == {"fail_mod3"} and r[2].errors["fail_mod3"]["type"] == "<class 'ValueError'>"
     assert all(rec["after"] for rec in r)  # later steps still run on a record with an error
     assert r.num_errors == 2 and [x.shot for x in r.records_with_errors] == [3, 6]
 
@@ -331,7 +341,7 @@ def test_where_filters_and_counts_raising_predicates():
     assert r.stats.where_errors == 3
     assert r.stats.where_error_shots == [5, 15, 25]
     shot, info = r.stats.where_error_details[0]
-    assert shot == 5 and info["type"] == "ZeroDivisionError" and "raise_mod5" in info["step"]
+    assert shot == 5 and info["type"] == "<class 'ZeroDivisionError'>" and "raise_mod5" in info["step"]
 
 
 def test_keep_and_discard_never_remove_shot_or_errors():
@@ -370,24 +380,28 @@ def test_duplicate_shots_are_separate_records():
     assert [r["x"] for r in p.compute_serial()] == [4, 4, 4]
 
 
-def test_fetch_dataset_aligns_on_shared_dims():
+def test_fetch_dataset_is_an_xarray_dataset_on_shared_dims():
+    import xarray as xr
+
     p = Pipeline([10, 14])
     a = SyntheticSignal("a", n=5, t_end=400.0)  # times 0,100,...,400
     b = SyntheticSignal("b", n=3, t_end=400.0, units="T", missing_every=7)  # times 0,200,400
     p.fetch_dataset("ds", {"a": a, "b": b})
     r = p.compute_serial()
     ds = r[0]["ds"]
-    np.testing.assert_array_equal(ds["times"], [0, 100, 200, 300, 400])
-    np.testing.assert_array_equal(ds["a"], a.gather(10)["data"])
+    assert isinstance(ds, xr.Dataset)
+    assert ds["shot"].values.tolist() == [10] and ds.sizes["shot"] == 1  # TokSearch's shot coordinate
+    np.testing.assert_array_equal(ds["times"].values, [0, 100, 200, 300, 400])
+    np.testing.assert_array_equal(ds["a"].values, a.gather(10)["data"])
     want_b = np.full(5, np.nan)
-    want_b[[0, 2, 4]] = b.gather(10)["data"]
-    np.testing.assert_array_equal(ds["b"], want_b)
-    assert ds["units"] == {"a": "A", "b": "T", "times": "ms"}
-    assert ds["dims"] == {"a": ["times"], "b": ["times"]}
-    # 14 % 7 == 0: b fails, a is still there; the error names the dataset field.
+    want_b[[0, 2, 4]] = b.gather(10)["data"]  # outer join: NaN where b has no sample
+    np.testing.assert_array_equal(ds["b"].values, want_b)
+    assert (ds["a"].attrs["units"], ds["b"].attrs["units"], ds["times"].attrs["units"]) == ("A", "T", "ms")
+    assert ds["a"].dims == ("times",)
+    # 14 % 7 == 0: b fails, a is still there; the error is filed under the dataset's name.
     ds14 = r[1]["ds"]
     assert "b" not in ds14 and "a" in ds14
-    assert set(r[1].errors) == {"ds.b"}
+    assert set(r[1].errors) == {"ds"} and "SignalNotFound" in r[1].errors["ds"]["type"]
 
 
 def test_fetch_dataset_append_and_all_failing():
@@ -395,12 +409,16 @@ def test_fetch_dataset_append_and_all_failing():
     p.fetch_dataset("ds", {"a": SyntheticSignal("a", n=3, missing_every=5)})
     p.fetch_dataset("ds", {"c": SyntheticSignal("c", n=3)})
     r = p.compute_serial()
-    assert {"a", "c", "times"} <= set(r[0]["ds"])
+    assert {"a", "c"} <= set(r[0]["ds"].data_vars) and "times" in r[0]["ds"].coords
     assert "a" not in r[1]["ds"] and "c" in r[1]["ds"]
     q = Pipeline([5])
     q.fetch_dataset("ds", {"a": SyntheticSignal("a", missing_every=5)})
     rec = q.compute_serial()[0]
-    assert rec["ds"] is None and "ds.a" in rec.errors
+    assert list(rec["ds"].data_vars) == [] and set(rec.errors) == {"ds"}  # an empty dataset, as TokSearch
+    replace = Pipeline([3])
+    replace.fetch_dataset("ds", {"a": SyntheticSignal("a", n=3)})
+    replace.fetch_dataset("ds", {"c": SyntheticSignal("c", n=3)}, append=False)
+    assert list(replace.compute_serial()[0]["ds"].data_vars) == ["c"]
 
 
 def test_fetch_dataset_multidim():
@@ -409,9 +427,11 @@ def test_fetch_dataset_multidim():
     ne = SyntheticSignal("ne", dims=("times", "channels"), data_order=("channels", "times"), n=4, extra_dim_size=3)
     p.fetch_dataset("prof", {"te": te, "ne": ne})
     ds = p.compute_serial()[0]["prof"]
+    assert ds["te"].dims == ("times", "channels") and ds["ne"].dims == ("channels", "times")
     assert ds["te"].shape == (4, 3) and ds["ne"].shape == (3, 4)
-    assert np.isnan(ds["te"][:, 2]).all()
-    np.testing.assert_array_equal(ds["te"][:, :2], te.gather(2)["data"])
+    assert np.isnan(ds["te"].values[:, 2]).all()
+    np.testing.assert_array_equal(ds["te"].values[:, :2], te.gather(2)["data"])
+    np.testing.assert_array_equal(ds["ne"].values, ne.gather(2)["data"])
 
 
 def test_signals_are_cleaned_up_per_shot_and_per_partition():
@@ -455,7 +475,7 @@ def test_result_set_api():
     p.map(SetField("x", 1))
     rs = p.compute_serial()
     assert len(rs) == 5 and rs[-1].shot == 4
-    assert isinstance(rs[1:3], ResultSet) and [r.shot for r in rs[1:3]] == [1, 2]
+    assert type(rs[1:3]) is list and [r.shot for r in rs[1:3]] == [1, 2]  # a slice is a list, as in TokSearch
     assert [r.shot for r in rs] == list(range(5))
     plain = rs.to_list()
     assert plain[2] == {"shot": 2, "errors": {}, "x": 2} and type(plain[2]) is dict

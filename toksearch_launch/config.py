@@ -84,6 +84,28 @@ class PortPolicy:
 
 
 @dataclass
+class SqlOptions:
+    """The site's SQL database, for ``toksearch_launch.sql.connect()`` / ``connect_d3drdb()``.
+
+    No password here, ever (this tree is printed by ``--cfg`` and written to the run
+    directory): it is read from ``password_file`` (mode 0600; TokSearch's format,
+    user on the first line and password on the second, or the password alone) or,
+    if that file does not exist, from the environment variable ``password_env``.
+    """
+
+    #: DB-API module: ``pymssql`` (SQL Server, TokSearch's d3drdb), ``psycopg`` (PostgreSQL), ``sqlite3``.
+    driver: str = "pymssql"
+    #: Host name (psycopg: also a unix-socket directory; sqlite3: the database file).
+    server: Optional[str] = None
+    port: Optional[int] = None
+    database: Optional[str] = None
+    #: None: the user in password_file, else the login name.
+    user: Optional[str] = None
+    password_file: Optional[str] = None
+    password_env: str = "TOKSEARCH_SQL_PASSWORD"
+
+
+@dataclass
 class SiteOptions:
     """What the in-job starters need to know about a cluster."""
 
@@ -104,6 +126,8 @@ class SiteOptions:
     exclusive: bool = True
     #: site=local: CPUs each local node offers (None: this machine's CPUs / nodes).
     local_cpus_per_node: Optional[int] = None
+    #: The site's SQL database (Pipeline.from_sql connect helpers).
+    sql: SqlOptions = field(default_factory=SqlOptions)
 
 
 @dataclass
@@ -141,6 +165,7 @@ ADDRESS_METHODS = ("dns", "suffix", "interface", "loopback")
 PORT_POLICIES = ("auto", "fixed")
 BACKENDS = ("ray", "spark")
 BACKEND_STARTS = ("lazy", "eager")
+SQL_DRIVERS = ("pymssql", "psycopg", "sqlite3")
 
 
 class ConfigError(ValueError):
@@ -168,6 +193,7 @@ def validate(cfg: DictConfig | ToksearchConfig) -> None:
         raise ConfigError("site.ports.policy=fixed needs site.ports.base between 1024 and 65000")
     if cfg.site.ready_timeout <= 0:
         raise ConfigError("site.ready_timeout must be positive (seconds)")
+    _one_of("site.sql.driver", cfg.site.sql.driver, SQL_DRIVERS)
     _one_of("backend.name", cfg.backend.name, BACKENDS)
     _one_of("backend.start", cfg.backend.start, BACKEND_STARTS)
     if cfg.backend.partitions_per_cpu < 1:

@@ -13,9 +13,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from toksearch_launch.pipeline.record import PROTECTED_FIELDS, Record, _as_field_list, error_info
+from toksearch_launch.signals.base import SignalRegistry
 
 #: A source item as it travels to a worker: a bare shot number, or a Record with data.
 Item = Union[int, Record]
@@ -76,7 +75,7 @@ class Fetch(Op):
     """``rec[name] = signal.gather(shot)``; on failure the field is None and the error is filed under ``name``."""
 
     def __init__(self, name: str, signal: Any) -> None:
-        if not hasattr(signal, "gather"):
+        if not (hasattr(signal, "gather") or hasattr(signal, "fetch")):
             raise TypeError(f"fetch({name!r}, ...): {signal!r} has no gather(shot) method")
         self.name = name
         self.signal = signal
@@ -84,7 +83,7 @@ class Fetch(Op):
 
     def __call__(self, rec: Record, stats: RunStats) -> Optional[Record]:
         try:
-            rec[self.name] = self.signal.gather(rec.shot)
+            rec[self.name] = _fetch(self.signal, rec.shot)
         except Exception as exc:
             rec[self.name] = None
             rec.set_error(self.name, exc)
@@ -95,18 +94,21 @@ class Fetch(Op):
 
 
 class FetchDataset(Op):
-    """Several signals as one structure aligned on their shared dims (see :func:`align_signals`).
+    """Several signals merged into one ``xarray.Dataset`` (TokSearch's ``fetch_dataset``).
 
-    A signal that fails is left out and its error filed under ``name.field``; if
-    all fail the field is None. With ``append`` an existing dataset in the field
-    is extended.
+    The dataset starts with a ``shot`` coordinate (length 1); each signal becomes a
+    data variable named by its field, its dims coordinates (outer join: NaN where a
+    signal has no sample), its units ``attrs["units"]``. A signal that fails is left
+    out and its error filed under ``name`` (``name_1``, ... for more), as TokSearch
+    does. With ``append`` an existing Dataset in the field is extended; without,
+    this step's signals replace it.
     """
 
     def __init__(self, name: str, signals: Mapping[str, Any], append: bool = True) -> None:
-        if not signals:
-            raise ValueError(f"fetch_dataset({name!r}, ...) needs at least one signal")
+        if not isinstance(signals, Mapping) or not signals:
+            raise ValueError(f"fetch_dataset({name!r}, ...) needs a dict of at least one field -> signal")
         for key, sig in signals.items():
-            if not hasattr(sig, "gather"):
+            if not (hasattr(sig, "fetch_as_xarray") or hasattr(sig, "gather")):
                 raise TypeError(f"fetch_dataset({name!r}): {key!r} -> {sig!r} has no gather(shot) method")
         self.name = name
         self.fields = dict(signals)
@@ -114,26 +116,73 @@ class FetchDataset(Op):
         self.signals = tuple(self.fields.values())
 
     def __call__(self, rec: Record, stats: RunStats) -> Optional[Record]:
-        gathered: Dict[str, Tuple[Dict[str, Any], Sequence[str]]] = {}
+        import xarray as xr
+
+        ds = rec.get(self.name) if self.append else None
+        if not isinstance(ds, xr.Dataset):
+            ds = xr.Dataset(coords={"shot": ("shot", [rec.shot])})
         for key, sig in self.fields.items():
             try:
-                gathered[key] = (sig.gather(rec.shot), tuple(getattr(sig, "data_order", sig.dims)))
+                array = _fetch_array(sig, rec.shot)
+                ds = xr.merge([ds, array.to_dataset(name=key)], join="outer", compat="no_conflicts",
+                              combine_attrs="override")
             except Exception as exc:
-                rec.set_error(f"{self.name}.{key}", exc)
-        previous = rec.get(self.name) if self.append else None
-        if not gathered:
-            if not isinstance(previous, dict):
-                rec[self.name] = None
-            return rec
-        try:
-            rec[self.name] = align_signals(gathered, previous if isinstance(previous, dict) else None)
-        except Exception as exc:
-            rec[self.name] = None
-            rec.set_error(self.name, exc)
+                rec.set_error(self.name, exc)
+        rec[self.name] = ds
         return rec
 
     def __repr__(self) -> str:
         return f"fetch_dataset({self.name!r}, {self.fields!r})"
+
+
+def _fetch_array(signal: Any, shot: int) -> Any:
+    """A signal's data for ``shot`` as a DataArray (plain duck-typed signals have only gather())."""
+    if hasattr(signal, "fetch_as_xarray"):
+        return signal.fetch_as_xarray(shot)
+    from toksearch_launch.signals.base import as_data_array
+
+    return as_data_array(signal.gather(shot), tuple(getattr(signal, "data_order", None) or getattr(signal, "dims", ())))
+
+
+def _fetch(signal: Any, shot: int) -> Any:
+    """``signal.fetch(shot)`` (gather plus callback) or, for a duck-typed signal, ``gather``."""
+    fetch = getattr(signal, "fetch", None)
+    return fetch(shot) if fetch is not None else signal.gather(shot)
+
+
+class MissingDatasetField(KeyError):
+    """align() on a record without the dataset field it names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Align(Op):
+    """``rec[name] = aligner(rec[name])`` (see :mod:`toksearch_launch.pipeline.align`); errors under ``align``."""
+
+    def __init__(self, name: str, aligner: Any) -> None:
+        self.name = name
+        self.aligner = aligner
+
+    def __call__(self, rec: Record, stats: RunStats) -> Optional[Record]:
+        import xarray as xr
+
+        ds = rec.get(self.name)
+        try:
+            if ds is None:
+                raise MissingDatasetField(
+                    f"align({self.name!r}): the record has no dataset {self.name!r} "
+                    f"(add fetch_dataset({self.name!r}, {{...}}) before align)"
+                )
+            if not isinstance(ds, xr.Dataset):
+                raise TypeError(f"align({self.name!r}): field {self.name!r} is a {type(ds).__name__}, not an xarray.Dataset")
+            rec[self.name] = self.aligner(ds)
+        except Exception as exc:
+            rec.set_error("align", exc)
+        return rec
+
+    def __repr__(self) -> str:
+        return f"align({self.name!r}, {self.aligner!r})"
 
 
 class Map(Op):
@@ -241,6 +290,12 @@ def run_partition(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[Record
     append = out.append
     steps = tuple(ops)
     signals = signals_of(steps)
+    # Signals fetched outside the pipeline's steps (Signal.fetch inside a map) are in
+    # this process's registry; they are cleaned up like the pipeline's own.
+    registry = SignalRegistry()
+    own = {id(sig) for sig in signals}
+    extras: List[Any] = []
+    seen_in_registry = -1
     # map() steps are called inline (one Python call less per record and step).
     plan = [(op.func, op.name) if type(op) is Map else (None, op) for op in steps]
     new, update = dict.__new__, dict.update
@@ -264,16 +319,20 @@ def run_partition(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[Record
                     current = step(current, stats)
                     if current is None:
                         break
-            if signals:
-                _cleanup_shot(signals, rec["shot"])
+            if len(registry) != seen_in_registry:
+                extras = [sig for sig in registry.signals if id(sig) not in own]
+                seen_in_registry = len(registry)
+            if signals or extras:
+                _cleanup_shot(signals + extras, rec["shot"])
             if current is not None:
                 append(current)
     finally:
-        for sig in signals:
+        for sig in signals + [s for s in registry.signals if id(s) not in own]:
             try:
                 sig.cleanup()
             except Exception:
                 pass
+        registry.reset()
     stats.records_in = count
     stats.records_out = len(out)
     stats.records_with_errors = sum(1 for r in out if r["errors"])
@@ -304,70 +363,4 @@ def records_from_wire(rows: List[dict]) -> List[Record]:
         rec = new(Record)
         update(rec, row)
         append(rec)
-    return out
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-def align_signals(
-    gathered: Mapping[str, Tuple[Mapping[str, Any], Sequence[str]]],
-    previous: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Put several gathered signals on common coordinates (an outer join, like xarray.merge).
-
-    ``gathered`` maps a field to ``(gather() result, data_order)``. The result is
-    ``{"dims": {field: axis names}, <dim>: union of that dim's values, <field>:
-    data reindexed onto those values (NaN where a signal has no sample),
-    "units": {...}}``. Values are matched exactly, not interpolated.
-    """
-    axes: Dict[str, Tuple[str, ...]] = {}
-    coords: Dict[str, np.ndarray] = {}
-    units: Dict[str, Any] = {}
-    pieces: Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
-
-    if previous:
-        for key, names in previous.get("dims", {}).items():
-            axes[key] = tuple(names)
-            pieces[key] = (np.asarray(previous[key]), {d: np.asarray(previous[d]) for d in names})
-        units.update(previous.get("units") or {})
-
-    for key, (result, order) in gathered.items():
-        data = np.asarray(result["data"])
-        order = tuple(order)
-        if data.ndim != len(order):
-            raise ValueError(f"{key}: data has {data.ndim} axes but data_order names {len(order)}: {order}")
-        axes[key] = order
-        pieces[key] = (data, {d: np.asarray(result[d]) for d in order})
-        sig_units = result.get("units") or {}
-        if "data" in sig_units:
-            units[key] = sig_units["data"]
-        for d in order:
-            if d in sig_units:
-                units.setdefault(d, sig_units[d])
-
-    for key, (data, dim_values) in pieces.items():
-        for d, values in dim_values.items():
-            coords[d] = values if d not in coords else np.union1d(coords[d], values)
-
-    out: Dict[str, Any] = {"dims": {k: list(v) for k, v in axes.items()}}
-    out.update(coords)
-    for key, (data, dim_values) in pieces.items():
-        out[key] = _reindex(data, [dim_values[d] for d in axes[key]], [coords[d] for d in axes[key]])
-    out["units"] = units
-    return out
-
-
-def _reindex(data: np.ndarray, own: List[np.ndarray], target: List[np.ndarray]) -> np.ndarray:
-    """``data`` placed on ``target`` coordinates; positions it lacks are NaN."""
-    if all(o.shape == t.shape and np.array_equal(o, t) for o, t in zip(own, target)):
-        return data
-    dtype = np.result_type(data.dtype, np.float64) if data.dtype.kind in "biuf" else object
-    fill = np.nan if dtype != object else None
-    out = np.full(tuple(len(t) for t in target), fill, dtype=dtype)
-    index = []
-    for o, t in zip(own, target):
-        pos = np.searchsorted(t, o)
-        index.append(pos)
-    out[np.ix_(*index)] = data
     return out

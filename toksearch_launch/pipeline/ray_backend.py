@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from toksearch_launch.cluster import job_cluster
 from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
-from toksearch_launch.pipeline.results import ResultSet
+from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
 
 #: ray.init defaults for a local Ray (the caller's ray_init_kwargs win): no dashboard
 #: (faster start, fewer processes), no INFO chatter.
@@ -47,7 +47,8 @@ class RayExecutor:
     too much with one record per partition; one for all would serialize the work).
     """
 
-    def __init__(self, ops: Sequence[Op], memory_per_shot: Optional[int], num_cpus: int) -> None:
+    def __init__(self, ops: Sequence[Op], memory_per_shot: Optional[int], num_cpus: int,
+                 placement_group: Any = None) -> None:
         import ray
         from ray import cloudpickle
 
@@ -55,14 +56,23 @@ class RayExecutor:
         self.ops: Any = payload if len(payload) <= INLINE_LIMIT else ray.put(payload)
         self.memory_per_shot = memory_per_shot
         self.num_cpus = max(1, num_cpus)
+        self.task_options: Dict[str, Any] = {}
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            self.task_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group)
 
     def run(self, chunks: List[List[Any]], on_done: OnDone) -> List[PartitionResult]:
         import ray
 
         fn = _remote_partition()
+        plain = fn.options(**self.task_options) if self.task_options else fn
         refs = []
         for chunk in chunks:
-            task = fn.options(memory=int(self.memory_per_shot) * len(chunk)) if self.memory_per_shot else fn
+            if self.memory_per_shot:
+                task = fn.options(memory=int(self.memory_per_shot) * len(chunk), **self.task_options)
+            else:
+                task = plain
             refs.append(task.remote(self.ops, chunk))
 
         group = max(self.num_cpus, len(refs) // MAX_GETS)
@@ -92,12 +102,19 @@ def compute_ray(
     verbose: bool,
     memory_per_shot: Optional[int],
     ray_init_kwargs: Dict[str, Any],
+    placement_group_func: Optional[Any] = None,
 ) -> ResultSet:
-    """Attach to (or start) Ray, run, bring the kept fields back, shut down what was started here."""
+    """Attach to (or start) Ray, run, bring the kept fields back, shut down what was started here.
+
+    ``info["connection"]``: ``user`` (Ray was initialized before the call), ``job``
+    (the job cluster's) or ``local`` (started and shut down here); RayRecordSet.cleanup
+    closes only a ``user`` connection, as TokSearch's does.
+    """
     if not records:
-        return ResultSet([], None, {"backend": "ray"})
+        return RayRecordSet([], None, {"backend": "ray"})
     import ray
 
+    connection = "user" if ray.is_initialized() else "local"
     created = False  # a local Ray started here, to shut down afterwards
     cluster_cpus: Optional[int] = None
     if ray.is_initialized() and ray_init_kwargs:
@@ -111,13 +128,18 @@ def compute_ray(
             # a second compute_ray() in the script reuses it.
             cluster.connect(**ray_init_kwargs)
             cluster_cpus = int(cluster.num_cpus)
+            connection = "job"
         else:
             ray.init(**{**LOCAL_RAY_DEFAULTS, **ray_init_kwargs})
             created = True
     try:
         nodes, ray_cpus = alive_nodes()
         num_cpus = cluster_cpus or ray_cpus or 1
-        executor = RayExecutor(ops, memory_per_shot, num_cpus)
+        placement_group = None
+        if placement_group_func is not None:
+            placement_group = placement_group_func()
+            ray.get(placement_group.ready())
+        executor = RayExecutor(ops, memory_per_shot, num_cpus, placement_group)
         result = drive(
             executor,
             records,
@@ -128,7 +150,8 @@ def compute_ray(
             verbose=verbose,
         )
         result.info["nodes"] = nodes
-        return result
+        result.info["connection"] = connection
+        return as_record_set(result, RayRecordSet)
     finally:
         if created:
             ray.shutdown()

@@ -9,12 +9,15 @@ and what went wrong with it.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import traceback
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 #: Fields that keep()/discard()/del never remove.
 PROTECTED_FIELDS = frozenset({"shot", "errors"})
+#: Fields a source dict (or an SQL row) may not bring: TokSearch reserves them.
+RESERVED_SOURCE_FIELDS = ("key", "errors")
 
 
 class InvalidShotNumber(ValueError):
@@ -23,6 +26,13 @@ class InvalidShotNumber(ValueError):
 
 class MissingShotNumber(KeyError):
     """A source dict without a ``shot`` key."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidRecordField(ValueError):
+    """A source dict with a reserved field (``key`` or ``errors``), as TokSearch refuses it."""
 
 
 class ProtectedFieldError(KeyError):
@@ -35,6 +45,13 @@ def as_shot(value: Any) -> int:
         return operator.index(value)
     except TypeError:
         pass
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, float)):
+        # Decimal (SQL NUMERIC columns), numpy floats: accepted when integral.
+        try:
+            if value == int(value):
+                return int(value)
+        except (ValueError, OverflowError):
+            pass
     if isinstance(value, str):
         try:
             return int(value.strip())
@@ -45,13 +62,27 @@ def as_shot(value: Any) -> int:
     raise InvalidShotNumber(f"shot must be a whole number, got {value!r} ({type(value).__name__})")
 
 
-def error_info(exc: BaseException) -> Dict[str, str]:
-    """A picklable description of an exception (the exception itself may not pickle)."""
+def error_info(exc: BaseException, label: str = "") -> Dict[str, str]:
+    """A picklable description of an exception (the exception itself may not pickle).
+
+    TokSearch's entry: ``label`` (the key it is filed under), ``type``
+    (``str(exc.__class__)``, e.g. ``"<class 'ValueError'>"``) and ``traceback``;
+    ``message`` (``str(exc)``) is added so a one-line report needs no parsing.
+    """
     return {
-        "type": type(exc).__name__,
+        "label": label,
+        "type": str(exc.__class__),
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
+
+
+def error_type_name(info: Mapping[str, Any]) -> str:
+    """The bare class name of an error entry's ``type`` (``"<class 'a.B'>"`` -> ``"B"``)."""
+    text = str(info.get("type", ""))
+    if text.startswith("<class '") and text.endswith("'>"):
+        text = text[len("<class '") : -2]
+    return text.rsplit(".", 1)[-1]
 
 
 class Record(dict):
@@ -80,9 +111,12 @@ class Record(dict):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Record":
-        """A Record from a mapping that has a ``shot`` (an ``errors`` mapping is carried over)."""
+        """A Record from a mapping that has a ``shot`` and neither ``key`` nor ``errors`` (TokSearch's rule)."""
         if "shot" not in data:
             raise MissingShotNumber(f"a record needs a 'shot' field; got fields {sorted(map(str, data))}")
+        for name in RESERVED_SOURCE_FIELDS:
+            if name in data:
+                raise InvalidRecordField(f"field {name!r} is reserved and cannot come from a source dict (shot {data['shot']!r})")
         return cls(data["shot"], data)
 
     @property
@@ -99,8 +133,9 @@ class Record(dict):
         dict.__delitem__(self, key)
 
     def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
-        if key in PROTECTED_FIELDS:
-            raise ProtectedFieldError(f"{key!r} cannot be removed from a Record")
+        """Remove and return a field; ``shot``, ``errors`` and ``key`` are left alone (None), as in TokSearch."""
+        if key in PROTECTED_FIELDS or key == "key":
+            return None
         return dict.pop(self, key, *default)
 
     def popitem(self) -> Any:  # type: ignore[override]
@@ -117,7 +152,7 @@ class Record(dict):
         while key in self.errors:
             key = f"{name}_{i}"
             i += 1
-        self.errors[key] = error_info(exc)
+        self.errors[key] = error_info(exc, key)
         return key
 
     def keep(self, fields: Iterable[str]) -> None:

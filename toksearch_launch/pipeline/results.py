@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overload
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union, overload
 
 from toksearch_launch.pipeline.ops import RunStats
-from toksearch_launch.pipeline.record import Record
+from toksearch_launch.pipeline.record import Record, error_type_name
 
 
 class ResultSet(Sequence[Record]):
@@ -37,11 +38,10 @@ class ResultSet(Sequence[Record]):
     def __getitem__(self, index: int) -> Record: ...
 
     @overload
-    def __getitem__(self, index: slice) -> "ResultSet": ...
+    def __getitem__(self, index: slice) -> List[Record]: ...
 
-    def __getitem__(self, index: Union[int, slice]) -> Union[Record, "ResultSet"]:
-        if isinstance(index, slice):
-            return ResultSet(self.records[index], None, self.info)
+    def __getitem__(self, index: Union[int, slice]) -> Union[Record, List[Record]]:
+        """An int gives a Record, a slice a list of Records (as TokSearch's record sets do)."""
         return self.records[index]
 
     def __iter__(self) -> Iterator[Record]:
@@ -79,6 +79,15 @@ class ResultSet(Sequence[Record]):
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
         return pd.DataFrame.from_records(self.to_list())
 
+    def cleanup(self, **kwargs: Any) -> None:
+        """TokSearch's: release the engine behind the results; the records stay usable.
+
+        A Ray or Spark connection that ``compute_*`` made and already closed, or that
+        belongs to the job's cluster (closed when the job ends), is left alone; one
+        the user opened before computing (``ray.init()``, a SparkContext) is closed
+        here, as TokSearch does. Serial and multiprocessing hold nothing.
+        """
+
     def warn_where_errors(self) -> None:
         """Say how many records a raising where() predicate dropped (they are otherwise silent)."""
         st = self.stats
@@ -87,13 +96,89 @@ class ResultSet(Sequence[Record]):
         first = ""
         if st.where_error_details:
             shot, info = st.where_error_details[0]
-            first = f"; first: shot {shot} in {info.get('step', 'where')}: {info['type']}: {info['message']}"
+            first = f"; first: shot {shot} in {info.get('step', 'where')}: {error_type_name(info)}: {info['message']}"
         warnings.warn(
             f"{st.where_errors} record(s) dropped because a where() predicate raised "
             f"(see .stats.where_error_shots){first}",
             RuntimeWarning,
             stacklevel=_caller_level(),
         )
+
+
+#: TokSearch's name of the base class.
+RecordSet = ResultSet
+
+
+class SerialRecordSet(ResultSet):
+    """What ``compute_serial()`` returns."""
+
+
+class MultiprocessingRecordSet(ResultSet):
+    """What ``compute_multiprocessing()`` returns."""
+
+
+class RayRecordSet(ResultSet):
+    """What ``compute_ray()`` returns (the records are already on the driver)."""
+
+    def cleanup(self, **kwargs: Any) -> None:
+        if self.info.get("connection") != "user":
+            return
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+class SparkRecordSet(ResultSet):
+    """What ``compute_spark()`` returns (the records are already on the driver)."""
+
+    def cache(self) -> None:
+        """Accepted for TokSearch compatibility: the records are in memory already."""
+
+    def cleanup(self, immediate: bool = False, **kwargs: Any) -> None:
+        if self.info.get("connection") != "user":
+            return
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context
+        if sc is not None:
+            sc.stop()
+
+
+@dataclass
+class MultiprocessingConfig:
+    """TokSearch's config object for ``compute(MultiprocessingRecordSet, config)``."""
+
+    num_workers: Optional[int] = None
+    batch_size: Union[str, int] = "auto"
+
+
+@dataclass
+class RayConfig:
+    """TokSearch's config object for ``compute(RayRecordSet, config)``."""
+
+    numparts: Optional[int] = None
+    batch_size: Optional[int] = None
+    verbose: bool = True
+    placement_group_func: Optional[Callable[[], Any]] = None
+    memory_per_task: Optional[int] = None
+    ray_init_kwargs: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class ToksearchSparkConfig:
+    """TokSearch's config object for ``compute(SparkRecordSet, config)``."""
+
+    sc: Any = None
+    numparts: Optional[int] = None
+    cache: bool = False
+
+
+def as_record_set(result: ResultSet, cls: type) -> ResultSet:
+    """The same records, stats and info as an instance of ``cls`` (no copying)."""
+    if type(result) is cls:
+        return result
+    return cls(result.records, result.stats, result.info)
 
 
 def _caller_level() -> int:

@@ -12,7 +12,7 @@ from toksearch_launch.cluster import job_cluster
 from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive, progress_wanted
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
-from toksearch_launch.pipeline.results import ResultSet
+from toksearch_launch.pipeline.results import ResultSet, SparkRecordSet, as_record_set
 
 #: How often (s) the progress display reads the task counters while a job runs.
 PROGRESS_POLL_S = 0.25
@@ -131,9 +131,10 @@ def compute_spark(
 ) -> ResultSet:
     """Use ``sc`` / the active context / the job's cluster / a local session; stop only a session made here."""
     if not records:
-        return ResultSet([], None, {"backend": "spark"})
+        return SparkRecordSet([], None, {"backend": "spark"})
     from pyspark import SparkContext
 
+    connection = "user"  # see ray_backend.compute_ray: user, job or local
     created = None  # a local session started here, to stop afterwards
     new_gateway = False
     cluster_cpus: Optional[int] = None
@@ -146,7 +147,9 @@ def compute_spark(
                 # a second compute_spark() in the script reuses it.
                 sc = cluster.connect().sparkContext
                 cluster_cpus = int(cluster.num_cpus)
+                connection = "job"
             else:
+                connection = "local"
                 new_gateway = SparkContext._gateway is None
                 created = local_session()
                 sc = created.sparkContext
@@ -165,7 +168,8 @@ def compute_spark(
             info={"cache": cache},
         )
         result.info["nodes"] = executor_hosts(sc)
-        return result
+        result.info["connection"] = connection
+        return as_record_set(result, SparkRecordSet)
     finally:
         if created is not None:
             stop_local_session(created, new_gateway)

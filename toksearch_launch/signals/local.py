@@ -119,6 +119,31 @@ class SyntheticSignal(Signal):
         return f"SyntheticSignal({self.name!r}, n={self.n}, seed={self.seed}{extra})"
 
 
+class MockSignal(Signal):
+    """Fixed arrays for every shot (TokSearch's test signal): ``data`` and ``times``, default ``arange(4)``.
+
+    Units are ``A`` for the data and ``ms`` for ``times``; with ``dims=None`` only
+    the data comes back.
+    """
+
+    default_d = np.arange(4)
+    default_t = np.arange(4)
+
+    def __init__(self, data: Any = None, times: Any = None, dims: Optional[Sequence[str]] = ("times",),
+                 with_units: bool = True) -> None:
+        super().__init__(dims=dims, fetch_units=with_units)
+        self.data = self.default_d if data is None else data
+        self.times = self.default_t if times is None else times
+
+    def gather(self, shot: int) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"data": self.data}
+        for d in self.dims:
+            out[d] = self.times
+        if self.with_units:
+            out["units"] = {"data": "A", **{d: "ms" for d in self.dims}}
+        return out
+
+
 class FileSignal(Signal):
     """Arrays of one signal from an HDF5 file: ``/<shot>/<name>/data`` and one dataset per dim.
 

@@ -57,6 +57,53 @@ class MdsConnectionError(MdsError):
     """The server could not be reached, refused the login, stalled past a timeout, or dropped the connection."""
 
 
+class MdsLocalTreeError(ValueError):
+    """A local tree path: mdsthin only talks to mdsip servers."""
+
+
+def local_tree_message(what: str, where: str, treename: str) -> str:
+    """The one line that says what to do instead of a local tree path."""
+    return (
+        f"{what}: {where} is a local tree path, but MdsSignal reads through mdsthin, which only talks to an mdsip "
+        f"server: serve the trees with mdsip on a host that has them and pass location='remote://HOST:PORT' "
+        f"(or set {tree_path_variable(treename)}=HOST:PORT::)"
+    )
+
+
+def is_local_path(text: str) -> bool:
+    """True for ``/path``, ``./path``, ``~/path``, ``file://...`` (not ``host::`` or ``remote://host``)."""
+    s = text.strip()
+    return s.startswith(("/", ".", "~", "file://")) and "::" not in s
+
+
+class MdsTreePath:
+    """TokSearch's ``MdsTreePath(treename=path, ...)``: tree locations per tree name.
+
+    Only server entries (``host::`` / ``host:port::``) can be read here; a local
+    directory makes MdsSignal refuse with :class:`MdsLocalTreeError`.
+    """
+
+    def __init__(self, **paths: str) -> None:
+        self.paths = dict(paths)
+
+    @classmethod
+    def variable_name(cls, treename: str) -> str:
+        return f"{treename}_path"
+
+    def server_for(self, treename: str) -> Optional[str]:
+        """The server of ``treename``'s entry, None if it has none; raises for a local path."""
+        value = self.paths.get(treename) or self.paths.get(treename.lower())
+        if value is None:
+            return None
+        server = server_from_tree_path(value)
+        if server is None:
+            raise MdsLocalTreeError(local_tree_message(f"MdsTreePath({treename}=...)", repr(value), treename))
+        return server
+
+    def __repr__(self) -> str:
+        return f"MdsTreePath({', '.join(f'{k}={v!r}' for k, v in self.paths.items())})"
+
+
 def parse_server(text: str) -> str:
     """Normalize a server name to ``[user@]host:port`` (or ``scheme://...`` for tcp6/ssh/sshp).
 
@@ -114,10 +161,32 @@ _CONNECTIONS: Dict[str, _Cached] = {}
 _CONNECTIONS_LOCK = threading.Lock()
 
 
+#: A forked child's inherited connections, disarmed and kept alive (see _reset_after_fork).
+_INHERITED: list = []
+
+
+def _disarm(conn: Any) -> Any:
+    """Take an inherited connection's transport away so that its destructor has nothing to close.
+
+    mdsthin's ``Connection.__del__`` calls ``disconnect()``, which for ``ssh://``
+    terminates the ssh process (the parent's) and for paramiko closes the shared SSH
+    session. The transport object is returned, to be kept referenced: dropping it
+    could run such code too. File descriptors stay open in the child only.
+    """
+    transport = getattr(conn, "_socket", None)
+    try:
+        conn._socket = None
+    except Exception:
+        pass
+    return transport
+
+
 def _reset_after_fork() -> None:
-    """A forked child must not talk on its parent's sockets: forget them (closing the child's copies)."""
+    """A forked child must never use or close its parent's connections: disarm them, then forget them."""
     global _CONNECTIONS_LOCK
     _CONNECTIONS_LOCK = threading.Lock()
+    for cached in list(_CONNECTIONS.values()):
+        _INHERITED.append((cached.conn, _disarm(cached.conn)))
     _CONNECTIONS.clear()
 
 
@@ -238,6 +307,11 @@ class MdsSignal(Signal):
             raise ValueError("connect_timeout and read_timeout must be positive (seconds)")
         self.expression = expression
         self.treename = treename
+        what = f"MdsSignal({expression!r}, {treename!r})"
+        if isinstance(location, MdsTreePath):
+            location = location.server_for(treename)  # None: find the server as without a location
+        elif isinstance(location, str) and is_local_path(location):
+            raise MdsLocalTreeError(local_tree_message(what, f"location={location!r}", treename))
         self.location = location
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
@@ -270,12 +344,20 @@ class MdsSignal(Signal):
             except ValueError as e:
                 raise MdsError(f"{what}: location: {e}") from None
         var = tree_path_variable(self.treename)
+        local_value = None
         for name in dict.fromkeys((var, f"{self.treename}_path")):
             value = os.environ.get(name)
             if value:
                 server = server_from_tree_path(value)
                 if server:
                     return server
+                local_value = f"{name}={value}"
+        default = os.environ.get("TOKSEARCH_MDS_DEFAULT")  # TokSearch's default location
+        if default and not is_local_path(default):
+            try:
+                return parse_server(default)
+            except ValueError as e:
+                raise MdsError(f"{what}: TOKSEARCH_MDS_DEFAULT: {e}") from None
         from ..config import load_job_config
 
         try:
@@ -288,6 +370,8 @@ class MdsSignal(Signal):
                 return parse_server(str(configured))
             except ValueError as e:
                 raise MdsError(f"{what}: site.mds_server: {e}") from None
+        if local_value:
+            raise MdsError(local_tree_message(what, local_value, self.treename))
         raise MdsError(
             f"{what}: no MDSplus server: pass location='host[:port]', set {var}=host:: in the "
             f"environment, or set site.mds_server in the site config"

@@ -1,0 +1,1 @@
+"""TokSearch's ``toksearch.utilities`` path."""
