@@ -2,8 +2,17 @@
 # Set up everything toksearch_launch needs on a fresh Debian 12 machine, idempotently:
 # Debian packages (python3-venv, a Java runtime for Spark), the virtual environment
 # .venv and the package with Ray, PySpark and the test tools. Re-running is fast.
+# --tests (or TOKSEARCH_TEST_DEPS=1) also installs what only the tests need: PostgreSQL
+# (Debian's postgresql; the SQL tests start a private server of their own, see tests/pg_server.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+test_deps=${TOKSEARCH_TEST_DEPS:-0}
+for arg in "$@"; do
+    case "$arg" in
+        --tests) test_deps=1 ;;
+        *) echo "bootstrap: unknown option $arg (known: --tests)" >&2; exit 2 ;;
+    esac
+done
 t0=$(date +%s.%N)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -12,6 +21,9 @@ need_apt=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+if [ "$test_deps" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need_apt+=(postgresql)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bootstrap: apt-get install ${need_apt[*]}"
     as_root apt-get update -qq

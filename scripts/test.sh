@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 now() { date +%s.%N; }
 phase() { printf 'test.sh: phase %-10s %6.1fs\n' "$1" "$(python3 -c "print($(now) - $2)")"; }
 
-t=$(now); bash scripts/bootstrap.sh; phase bootstrap "$t"
+t=$(now); bash scripts/bootstrap.sh --tests; phase bootstrap "$t"
 if [ "$(id -u)" = 0 ]; then
     t=$(now)
     trap 'bash ci/slurm/down.sh >/dev/null 2>&1 || true' EXIT
@@ -20,7 +20,7 @@ else
 fi
 t=$(now)
 rc=0
-TOKSEARCH_REQUIRE_SLURM=$([ "$(id -u)" = 0 ] && echo 1 || echo 0) \
+TOKSEARCH_REQUIRE_SQL=1 TOKSEARCH_REQUIRE_SLURM=$([ "$(id -u)" = 0 ] && echo 1 || echo 0) \
     .venv/bin/python -m pytest -ra --durations=25 "${marker[@]}" "$@" || rc=$?
 phase pytest "$t"
 exit "$rc"

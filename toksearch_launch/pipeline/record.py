@@ -45,7 +45,7 @@ def as_shot(value: Any) -> int:
         return operator.index(value)
     except TypeError:
         pass
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, float)):
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, float, complex)):
         # Decimal (SQL NUMERIC columns), numpy floats: accepted when integral.
         try:
             if value == int(value):
