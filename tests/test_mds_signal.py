@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import select
 import subprocess
@@ -332,3 +333,136 @@ def test_used_signal_pickles_without_its_connection(server: MdsipServer, monkeyp
     assert (clone.expression, clone.treename, clone.dims, clone.read_timeout) == (r"\ipmhd", "efit01", ("times",), 5.0)
     np.testing.assert_allclose(clone.gather(1002)["data"], expected_ip(1002))
     assert server.connections_accepted == 1  # the clone reuses this process's connection
+
+
+# --------------------------------------------------------------------------- local tree paths
+
+
+@pytest.mark.parametrize("location", ["/data/trees/efit01", "./trees", "~/trees", "file:///data/trees"])
+def test_local_tree_path_is_refused_in_one_line(location):
+    with pytest.raises(mds.MdsLocalTreeError) as info:
+        ip_signal(location)
+    message = str(info.value)
+    assert "\n" not in message and "is a local tree path" in message
+    assert "location='remote://HOST:PORT'" in message and "efit01_path=HOST:PORT::" in message
+
+
+def test_local_tree_path_variable_and_mds_tree_path(monkeypatch, server):
+    monkeypatch.setenv("efit01_path", "/local/trees")
+    with pytest.raises(MdsError, match=r"efit01_path=/local/trees is a local tree path"):
+        ip_signal(None).gather(1001)
+    with pytest.raises(mds.MdsLocalTreeError):
+        ip_signal(mds.MdsTreePath(efit01="/local/trees"))
+    sig = ip_signal(mds.MdsTreePath(efit01=f"{server.address}::"))  # a server entry works
+    np.testing.assert_allclose(sig.fetch(1001)["data"], expected_ip(1001))
+
+
+# --------------------------------------------------------------------------- fork and ssh:// (issue 11)
+
+FAKE_SSH = r'''#!{python}
+"""Stand-in for ssh: relays stdin/stdout to the mdsip server in $FAKE_SSH_TARGET, as `ssh host mdsip-server-ssh` would."""
+import os, socket, sys, threading
+host, port = os.environ["FAKE_SSH_TARGET"].rsplit(":", 1)
+with open(os.environ["FAKE_SSH_PIDS"], "a") as f:
+    f.write(f"{{os.getpid()}}\n")
+sock = socket.create_connection((host, int(port)))
+def up():
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            sock.shutdown(socket.SHUT_WR)
+            return
+        sock.sendall(data)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = sock.recv(65536)
+    if not data:
+        break
+    os.write(1, data)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_forked_child_never_closes_the_parents_ssh_connection(server, tmp_path, monkeypatch):
+    """A real mdsthin ssh:// connection (through a stand-in ssh) survives a fork in the parent.
+
+    On CPython 3.9+ Popen.terminate() in a forked child is already a no-op (it polls
+    first and sees ECHILD), so this passes without the fix too; the test below checks
+    the fix's mechanism itself."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    ssh = bindir / "ssh"
+    ssh.write_text(FAKE_SSH.format(python=sys.executable))
+    ssh.chmod(0o755)
+    pids = tmp_path / "ssh.pids"
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SSH_TARGET", server.address)
+    monkeypatch.setenv("FAKE_SSH_PIDS", str(pids))
+
+    sig = ip_signal("ssh://127.0.0.1:22")
+    np.testing.assert_allclose(sig.fetch(1001)["data"], expected_ip(1001))  # a real mdsthin ssh:// connection
+    (ssh_pid,) = [int(x) for x in pids.read_text().split()]
+    assert _alive(ssh_pid) and server.connections_accepted == 1
+
+    child = os.fork()
+    if child == 0:  # the child forgets the parent's connection and collects garbage, then exits
+        import gc
+
+        code = 0 if mds.cached_servers() == () else 3
+        gc.collect()
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    assert _alive(ssh_pid), "the forked child terminated the parent's ssh process"
+    np.testing.assert_allclose(sig.fetch(1002)["data"], expected_ip(1002))  # same connection, still working
+    assert server.connections_accepted == 1
+    mds.close_all_connections()  # the parent's own close still ends its ssh process
+    deadline = time.monotonic() + 10
+    while _alive(ssh_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(ssh_pid)
+
+
+def test_forked_child_never_runs_an_inherited_connections_disconnect(tmp_path):
+    """The mechanism, for every transport (paramiko's close would end the parent's SSH session; on
+    Pythons whose Popen.terminate does not poll first, the subprocess one would kill the parent's ssh):
+    a forked child disarms the connections it inherited, so their disconnect never runs in it."""
+    log = tmp_path / "disconnects"
+
+    class RecordingConnection:
+        def __init__(self):
+            self._socket = object()
+
+        def disconnect(self):
+            if self._socket is not None:
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                self._socket = None
+
+        def __del__(self):  # what mdsthin's Connection does
+            self.disconnect()
+
+    mds._CONNECTIONS["fake:1"] = mds._Cached(RecordingConnection())
+    try:
+        child = os.fork()
+        if child == 0:
+            import gc
+
+            gc.collect()
+            os._exit(0 if mds.cached_servers() == () else 3)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not log.exists(), f"disconnect ran in the forked child {child}"
+        assert mds.close_all_connections() == 1  # the parent's own close still runs it
+        assert log.read_text().split() == [str(os.getpid())]
+    finally:
+        mds._CONNECTIONS.pop("fake:1", None)
