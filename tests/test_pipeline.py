@@ -163,10 +163,34 @@ def case_dicts(shots) -> Pipeline:
     return p
 
 
+def ratio_mean(rec: Record) -> None:
+    """map on an aligned dataset: peak bt over peak ip on the common time base."""
+    ds = rec["ds"]
+    rec["ratio"] = float(ds["bt"].max() / ds["ip"].max())
+
+
+def has_bt(rec: Record) -> bool:
+    return "bt" in rec["ds"].data_vars
+
+
+def case_dataset_align(shots) -> Pipeline:
+    """TokSearch users' shape: fetch_dataset of signals on different time bases, align, map, where, align again."""
+    p = Pipeline(shots)
+    p.fetch_dataset("ds", {"ip": SyntheticSignal("ip", n=40),
+                           "bt": SyntheticSignal("bt", n=25, t_end=4800.0, units="T", seed=3, missing_every=6)})
+    p.align("ds", "ip", method="linear")
+    p.where(has_bt)
+    p.map(ratio_mean)
+    p.fetch_dataset("ds", {"ne": SyntheticSignal("ne", n=10, seed=5)})
+    p.align("ds", 500.0, method="pad")
+    return p
+
+
 FIXED_CASES: Dict[str, Callable[[Any], Pipeline]] = {
     "example": case_example,
     "everything": case_everything,
     "dicts": case_dicts,
+    "dataset_align": case_dataset_align,
 }
 
 
@@ -419,6 +443,27 @@ def test_fetch_dataset_append_and_all_failing():
     replace.fetch_dataset("ds", {"a": SyntheticSignal("a", n=3)})
     replace.fetch_dataset("ds", {"c": SyntheticSignal("c", n=3)}, append=False)
     assert list(replace.compute_serial()[0]["ds"].data_vars) == ["c"]
+
+
+def test_dataset_align_case_values():
+    """The values the cross-backend comparisons rest on, checked against numpy directly."""
+    ip, bt = SyntheticSignal("ip", n=40), SyntheticSignal("bt", n=25, t_end=4800.0, units="T", seed=3)
+    got = case_dataset_align([7, 12]).compute_serial()
+    assert [r.shot for r in got] == [7]  # 12 % 6 == 0: bt missing, dropped by the where
+    t, t_bt, d_bt = ip.gather(7)["times"], bt.gather(7)["times"], bt.gather(7)["data"]
+    p = Pipeline([7])
+    p.fetch_dataset("ds", {"ip": ip, "bt": bt})
+    p.align("ds", "ip", method="linear")
+    aligned = p.compute_shot(7)["ds"]
+    np.testing.assert_array_equal(aligned["times"].values, t)
+    inside = t <= 4800.0  # linear interpolation inside bt's range, extrapolation (last two samples) past it
+    np.testing.assert_allclose(aligned["bt"].values[inside], np.interp(t[inside], t_bt, d_bt))
+    slope = (d_bt[-1] - d_bt[-2]) / (t_bt[-1] - t_bt[-2])
+    np.testing.assert_allclose(aligned["bt"].values[~inside], d_bt[-1] + slope * (t[~inside] - t_bt[-1]))
+    assert got[0]["ratio"] == pytest.approx(float(aligned["bt"].max() / aligned["ip"].max()))
+    final = got[0]["ds"]
+    np.testing.assert_allclose(final["times"].values, np.arange(0.0, 5000.0, 500.0))
+    assert set(final.data_vars) == {"ip", "bt", "ne"} and final["bt"].attrs["units"] == "T"
 
 
 def test_fetch_dataset_multidim():

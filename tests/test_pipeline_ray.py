@@ -14,7 +14,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_example
+from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_dataset_align, case_example
 
 ray = pytest.importorskip("ray")
 
@@ -31,6 +31,20 @@ def test_starts_and_stops_its_own_local_ray():
         pytest.skip("Ray already running in this process")
     rs = case_example(range(50)).compute_ray(verbose=False, num_cpus=1, runtime_env=RUNTIME_ENV)
     assert len(rs) == 50 and rs.info["num_cpus"] == 1
+    assert not ray.is_initialized()
+
+
+def test_toksearch_ray_init_kwargs_dict_is_honoured_without_a_job_cluster(monkeypatch):
+    """TokSearch's compute_ray(ray_init_kwargs={...}): the dict reaches ray.init of the local Ray."""
+    if ray.is_initialized():
+        pytest.skip("Ray already running in this process")
+    monkeypatch.delenv("TOKSEARCH_CONFIG", raising=False)
+    from toksearch_launch.backend.ray import RayRecordSet
+
+    p = case_dataset_align(list(range(30)))
+    rs = p.compute_ray(verbose=False, ray_init_kwargs={"num_cpus": 1, "runtime_env": RUNTIME_ENV})
+    assert isinstance(rs, RayRecordSet) and rs.info["num_cpus"] == 1 and rs.info["connection"] == "local"
+    assert_same_results(rs, p.compute_serial())
     assert not ray.is_initialized()
 
 
@@ -106,3 +120,30 @@ def test_init_kwargs_are_ignored_loudly_when_ray_runs(local_ray):
     with pytest.warns(RuntimeWarning, match="num_cpus"):
         rs = case_example(range(5)).compute_ray(verbose=False, num_cpus=7)
     assert rs.info["num_cpus"] == 2
+
+
+def test_compute_long_form_and_placement_group(local_ray):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from toksearch_launch.backend.ray import RayConfig, RayRecordSet
+
+    p = case_dataset_align(list(range(40)))
+    want = p.compute_serial()
+    groups = []
+
+    def make_group():
+        groups.append(placement_group([{"CPU": 1}]))
+        return groups[-1]
+
+    got = p.compute(RayRecordSet, RayConfig(numparts=3, verbose=False, placement_group_func=make_group))
+    assert isinstance(got, RayRecordSet) and got.info["num_partitions"] == 3 and len(groups) == 1
+    assert_same_results(got, want)
+    remove_placement_group(groups[0])
+
+
+def test_cleanup_closes_a_connection_the_user_made(local_ray):
+    """Last in the module: TokSearch's results.cleanup() shuts down the user's Ray; the records stay."""
+    rs = case_example(range(10)).compute_ray(verbose=False)
+    assert rs.info["connection"] == "user" and ray.is_initialized()
+    rs.cleanup()
+    assert not ray.is_initialized() and len(rs) == 10 and rs[3].shot == 3

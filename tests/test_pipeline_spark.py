@@ -13,7 +13,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_example
+from test_pipeline import FIXED_CASES, assert_same_results, case_closure, case_dataset_align, case_example
 
 pyspark = pytest.importorskip("pyspark")
 
@@ -80,3 +80,20 @@ def test_progress_display_on_a_terminal(session, monkeypatch):
         rs = case_example(range(700)).compute_spark()
     shown = fake.getvalue()
     assert "700/700" in shown and f"errors={rs.num_errors}" in shown and "rec/s" in shown
+
+
+def test_compute_long_form(session):
+    from toksearch_launch.backend.spark import SparkRecordSet, ToksearchSparkConfig
+
+    p = case_dataset_align(list(range(40)))
+    got = p.compute(SparkRecordSet, ToksearchSparkConfig(sc=session, numparts=3, cache=True), verbose=False)
+    assert isinstance(got, SparkRecordSet) and got.info["num_partitions"] == 3 and got.info["connection"] == "user"
+    assert_same_results(got, p.compute_serial())
+
+
+def test_cleanup_stops_a_context_the_user_made(session):
+    """Last in the module: TokSearch's results.cleanup() stops the user's SparkContext; the records stay."""
+    rs = case_example(range(10)).compute_spark(verbose=False)
+    rs.cleanup()
+    assert session.sparkContext._jsc is None or session.sparkContext._jsc.sc().isStopped()
+    assert len(rs) == 10 and rs[3].shot == 3
