@@ -139,6 +139,8 @@ def test_compute_long_form_and_placement_group(local_ray):
     assert isinstance(got, RayRecordSet) and got.info["num_partitions"] == 3 and len(groups) == 1
     assert_same_results(got, want)
     remove_placement_group(groups[0])
+    ids = got.object_ids()  # TokSearch's: the records as ObjectRefs
+    assert [r.shot for r in ray.get(ids)] == [r.shot for r in want]
 
 
 def test_cleanup_closes_a_connection_the_user_made(local_ray):

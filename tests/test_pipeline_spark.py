@@ -89,6 +89,7 @@ def test_compute_long_form(session):
     got = p.compute(SparkRecordSet, ToksearchSparkConfig(sc=session, numparts=3, cache=True), verbose=False)
     assert isinstance(got, SparkRecordSet) and got.info["num_partitions"] == 3 and got.info["connection"] == "user"
     assert_same_results(got, p.compute_serial())
+    assert [r.shot for r in got.to_rdd().collect()] == [r.shot for r in got]  # TokSearch's to_rdd()
 
 
 def test_cleanup_stops_a_context_the_user_made(session):

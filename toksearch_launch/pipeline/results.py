@@ -120,6 +120,14 @@ class MultiprocessingRecordSet(ResultSet):
 class RayRecordSet(ResultSet):
     """What ``compute_ray()`` returns (the records are already on the driver)."""
 
+    def object_ids(self) -> List[Any]:
+        """The records put in Ray's object store, one ObjectRef each (TokSearch's; needs a Ray connection)."""
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("object_ids() needs a Ray connection; the records themselves are in this result set")
+        return [ray.put(rec) for rec in self.records]
+
     def cleanup(self, **kwargs: Any) -> None:
         if self.info.get("connection") != "user":
             return
@@ -134,6 +142,15 @@ class SparkRecordSet(ResultSet):
 
     def cache(self) -> None:
         """Accepted for TokSearch compatibility: the records are in memory already."""
+
+    def to_rdd(self, **kwargs: Any) -> Any:
+        """The records as an RDD of the active SparkContext (TokSearch's; needs one)."""
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context
+        if sc is None:
+            raise RuntimeError("to_rdd() needs an active SparkContext; the records themselves are in this result set")
+        return sc.parallelize(self.records, max(1, int(self.info.get("num_partitions") or 1)))
 
     def cleanup(self, immediate: bool = False, **kwargs: Any) -> None:
         if self.info.get("connection") != "user":
