@@ -64,7 +64,7 @@ class ZarrSignal(Signal):
             if not getattr(fs, "async_impl", False):
                 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-                fs = AsyncFileSystemWrapper(fs)
+                fs = AsyncFileSystemWrapper(fs, asynchronous=True)
             store: Any = FsspecStore(fs, path=location.split("://", 1)[-1], read_only=True)
         else:
             if not os.path.exists(location):
