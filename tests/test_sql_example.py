@@ -82,3 +82,20 @@ def test_example_through_toksearch_submit_on_two_local_nodes(tmp_path: Path, bac
     nodes = re.search(r"^Cluster nodes: (\S+)$", proc.stdout, re.M).group(1).split(",")
     assert len(nodes) == 2, proc.stdout  # both local nodes served the run
     assert_output_matches_serial(out, workdir)
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("backend", ["ray", "spark"])
+def test_example_on_the_slurm_test_cluster(tmp_path: Path, backend: str):
+    from slurm_support import TEST_SITE
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    out = tmp_path / f"results-{backend}.nc"
+    proc = run_cli([*TEST_SITE, "nodes=2", sys.executable, str(EXAMPLE), "--count", str(COUNT),
+                    "--workdir", str(workdir), "--out", str(out), "--", backend], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Records with errors: 0" in proc.stdout
+    nodes = re.search(r"^Cluster nodes: (\S+)$", proc.stdout, re.M).group(1).split(",")
+    assert len(nodes) == 2 and all(n.startswith("10.77.0.") for n in nodes), proc.stdout
+    assert_output_matches_serial(out, workdir)
