@@ -132,11 +132,15 @@ class Pipeline:
             return self.compute_spark(**kwargs)
         return self.compute_ray(**kwargs)
 
-    def compute_serial(self, verbose: bool = False) -> ResultSet:
-        """In this process, one record after another: the reference the other backends must match."""
+    def compute_serial(self, verbose: bool = False, store: Any = "auto") -> ResultSet:
+        """In this process, one record after another: the reference the other backends must match.
+
+        ``store`` (every compute_*): ``"auto"`` saves each finished partition in the run
+        directory inside a toksearch_submit job (nothing outside one), a path saves
+        there, None saves nothing; see docs/durability.md."""
         from toksearch_launch.pipeline.local_backends import compute_serial
 
-        return compute_serial(self._ops, [_fresh(i) for i in self._items], verbose=verbose)
+        return compute_serial(self._ops, [_fresh(i) for i in self._items], verbose=verbose, store=store)
 
     def compute_multiprocessing(
         self,
@@ -144,6 +148,7 @@ class Pipeline:
         batch_size: Union[int, str] = "auto",
         verbose: bool = False,
         start_method: Optional[str] = None,
+        store: Any = "auto",
     ) -> ResultSet:
         """In a pool of ``num_workers`` processes (default: usable CPUs), ``batch_size`` records per task."""
         from toksearch_launch.pipeline.local_backends import compute_multiprocessing
@@ -155,6 +160,7 @@ class Pipeline:
             batch_size=batch_size,
             verbose=verbose,
             start_method=start_method,
+            store=store,
         )
 
     def compute_ray(
@@ -163,6 +169,7 @@ class Pipeline:
         batch_size: Optional[int] = None,
         verbose: bool = True,
         memory_per_shot: Optional[int] = None,
+        store: Any = "auto",
         **ray_init_kwargs: Any,
     ) -> ResultSet:
         """On Ray: the job's cluster inside toksearch_submit, else an existing or a new local Ray.
@@ -181,6 +188,7 @@ class Pipeline:
             verbose=verbose,
             memory_per_shot=memory_per_shot,
             ray_init_kwargs=ray_init_kwargs,
+            store=store,
         )
 
     def compute_spark(
@@ -190,6 +198,7 @@ class Pipeline:
         cache: bool = False,
         batch_size: Optional[int] = None,
         verbose: bool = True,
+        store: Any = "auto",
     ) -> ResultSet:
         """On Spark: ``sc`` (SparkContext or SparkSession) if given, else the active one, the job's
         cluster inside toksearch_submit, or a new ``local[N]`` session (stopped afterwards).
@@ -207,6 +216,7 @@ class Pipeline:
             cache=cache,
             batch_size=batch_size,
             verbose=verbose,
+            store=store,
         )
 
 
