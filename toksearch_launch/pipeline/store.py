@@ -350,11 +350,15 @@ def resolve_store(store: Any, ops: Sequence[Op], items: Sequence[Item]) -> Optio
             return None
         from toksearch_launch.pipeline import stopping
 
+        from toksearch_launch import resume
+
         stopping.install_job_handlers()
         try:
-            return ResultStore.open(path, ops, items)
+            opened = ResultStore.open(path, ops, items)
         except StoreMismatch as exc:
             stopping.refuse(str(exc))
+        resume.log_event(None, "compute", store=path.name, stored=len(opened.done), total=opened.total)
+        return opened
     return ResultStore.open(store, ops, items)
 
 
