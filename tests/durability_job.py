@@ -38,7 +38,10 @@ def make_pipeline(count: int, latency: float) -> Pipeline:
 
 
 def main(argv) -> int:
+    import os
+
     backend, count, latency = argv[0], int(argv[1]), float(argv[2])
+    print(f"PID {os.getpid()}", flush=True)  # the SIGKILL test kills exactly this process
     pipeline = make_pipeline(count, latency)
     kwargs = {"numparts": int(argv[3])} if len(argv) > 3 and backend in ("ray", "spark") else {}
     if backend == "multiprocessing":

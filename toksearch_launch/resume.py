@@ -349,13 +349,19 @@ def continue_after_stop(run_dir: Path, timed_out: bool) -> None:
     if cfg is None or cfg.mode != "batch" or not cfg.batch.requeue or not job_id:
         return
     events = read_events(run_dir)
-    timeouts = sum(1 for e in events if e.get("event") in ("requeued", "resubmitted") and e.get("timed_out"))
+    refused_jobs = {e.get("job_id") for e in events if e.get("event") == "requeue refused"}
+    timeouts = sum(1 for e in events if e.get("timed_out") and (
+        e.get("event") == "resubmitted" or (e.get("event") == "requeued" and e.get("job_id") not in refused_jobs)))
     if timed_out and timeouts >= int(cfg.batch.max_requeues):
         print(f"toksearch: batch.max_requeues={cfg.batch.max_requeues} reached: not requeueing; "
               f"resume with: {resume_command(run_dir)}", flush=True)
         return
     attempt = timeouts + (1 if timed_out else 0)
     why = "time limit" if timed_out else "preemption"
+    # Said and logged first: once Slurm accepts the requeue it kills this job at once.
+    print(f"toksearch: requeueing job {job_id} after its {why} (requeue {attempt} of at most "
+          f"{cfg.batch.max_requeues}); it resumes where it stopped", flush=True)
+    log_event(run_dir, "requeued", timed_out=timed_out, attempt=attempt)
     try:
         out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
         refused = out.returncode != 0
@@ -363,10 +369,8 @@ def continue_after_stop(run_dir: Path, timed_out: bool) -> None:
     except (OSError, subprocess.SubprocessError) as exc:
         refused, message = True, str(exc)
     if not refused:
-        log_event(run_dir, "requeued", timed_out=timed_out, attempt=attempt)
-        print(f"toksearch: requeued job {job_id} after its {why} (requeue {attempt} of at most "
-              f"{cfg.batch.max_requeues}); it resumes where it stopped", flush=True)
         return
+    log_event(run_dir, "requeue refused", message=message)
     script = run_dir / "job.sbatch"
     sub = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job_id}", str(script)],
                          capture_output=True, text=True, timeout=30)
