@@ -4,7 +4,12 @@ Side by side in one run, alternated (store, none, store, none, ...), each store
 run into a fresh directory so it writes every partition and the manifest (with
 fsync) as a job's run would. Ray and Spark are started once and warmed up, so
 their start-up is excluded. Prints a markdown table: median and min wall time of
-each variant and the ratio store / none (goal: <= 1.05).
+each variant and the ratio store / none: the median of the ratios of each
+back-to-back pair (drift of the machine's load cancels out) and the ratio of the
+minima (goal: <= 1.05); the driver process's CPU time ratio; and the share of
+the run's wall time the driver spent inside store calls (the store's cost on the
+critical path; robust against the machine's load, which moves wall times by more
+than 5% on a shared 2-core machine).
 
     .venv/bin/python bench/bench_store.py [--records 10000] [--repeat 7] [--backends serial,multiprocessing,ray,spark]
         [--source synthetic|file] [--dir DIR]
@@ -67,6 +72,30 @@ def runners(backends: List[str]) -> Dict[str, Callable[..., Any]]:
     return out
 
 
+_in_store = [0.0]
+
+
+def time_store_calls() -> None:
+    """Count the seconds the driver spends inside the store (open, add, flush, manifest): the
+    store's cost on the critical path, which the machine's load barely moves."""
+    from toksearch_launch.pipeline import store as store_module
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _in_store[0] += time.perf_counter() - start
+        return wrapper
+
+    cls = store_module.ResultStore
+    cls.add = timed(cls.add)
+    cls.flush = timed(cls.flush)  # waits for the writer thread (also called by write_manifest)
+    cls.open = classmethod(timed(cls.open.__func__))
+    store_module.write_atomic_replace = timed(store_module.write_atomic_replace)  # the manifest itself
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10000)
@@ -82,34 +111,45 @@ def main(argv: List[str] | None = None) -> int:
     shots = list(range(first_shot, first_shot + args.records))
     signal = make_signal(args.source, args.records, first_shot, work)
     run = runners(args.backends.split(","))
+    time_store_calls()
 
     rows = []
     for name, compute in run.items():
         compute(create_pipeline(shots, signal), None)  # warm-up (workers, imports, JIT of the JVM)
         times: Dict[str, List[float]] = {"none": [], "store": []}
+        cpu: Dict[str, List[float]] = {"none": [], "store": []}
+        inside: List[float] = []
         for k in range(args.repeat):
             for variant in ("store", "none") if k % 2 == 0 else ("none", "store"):
                 target = work / f"{name}-{k}" if variant == "store" else None
                 pipeline = create_pipeline(shots, signal)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    start = time.perf_counter()
+                    _in_store[0] = 0.0
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     result = compute(pipeline, target)
                     times[variant].append(time.perf_counter() - start)
+                    cpu[variant].append(time.process_time() - cpu_start)
+                    if variant == "store":
+                        inside.append(_in_store[0] / times[variant][-1])
                 assert len(result) == args.records, (name, variant, len(result))
                 if target is not None:
                     shutil.rmtree(target)
         med = {v: statistics.median(t) for v, t in times.items()}
+        paired = statistics.median(s / n for s, n in zip(times["store"], times["none"]))
         rows.append((name, med["none"], min(times["none"]), med["store"], min(times["store"]),
-                     med["store"] / med["none"], min(times["store"]) / min(times["none"])))
+                     paired, min(times["store"]) / min(times["none"]),
+                     statistics.median(cpu["store"]) / statistics.median(cpu["none"]), statistics.median(inside)))
 
     print(f"# store overhead, {args.records} records, source={args.source}, {args.repeat} runs each, alternated")
     print(f"# {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"stores in {work}")
-    print("| backend | store=None median (s) | min (s) | store=PATH median (s) | min (s) | ratio (median) | ratio (min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, n_med, n_min, s_med, s_min, r_med, r_min in rows:
-        print(f"| {name} | {n_med:.3f} | {n_min:.3f} | {s_med:.3f} | {s_min:.3f} | **{r_med:.3f}x** | {r_min:.3f}x |")
+    print("| backend | store=None median (s) | min (s) | store=PATH median (s) | min (s) | wall ratio (median of pairs) "
+          "| wall ratio (min) | driver CPU ratio (median) | time in the store / run time (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n_med, n_min, s_med, s_min, r_med, r_min, r_cpu, share in rows:
+        print(f"| {name} | {n_med:.3f} | {n_min:.3f} | {s_med:.3f} | {s_min:.3f} | {r_med:.3f}x | {r_min:.3f}x "
+              f"| {r_cpu:.3f}x | **{100 * share:.1f}%** |")
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

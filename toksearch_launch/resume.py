@@ -153,14 +153,16 @@ def summarize_store(path: Path) -> StoreSummary:
 
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
     stored = errors = where = parts = 0
+    total_from_parts = 0
     for part in sorted(path.glob("part-*.pkl")):
         with open(part, "rb") as f:
             header = pickle.load(f)
+        total_from_parts = header.get("total_records", 0) or total_from_parts
         stored += len(header["positions"])
         errors += header["records_with_errors"]
         where += header["where_errors"]
         parts += 1
-    total = int(manifest.get("total_records", stored))
+    total = int(manifest.get("total_records", total_from_parts or stored))
     state = manifest.get("state", "unknown")
     if state == "running" and stored >= total:
         state = "complete"

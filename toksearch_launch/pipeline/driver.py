@@ -187,6 +187,8 @@ def drive(
     finally:
         stop.active -= 1
         progress.close()
+        if store is not None:
+            store.flush()  # finished partitions reach the disk even when the run fails
 
     if store is not None and stop.requested and not store.complete:
         from toksearch_launch.pipeline.stopping import stop_run
@@ -196,8 +198,8 @@ def drive(
     computed = sum(len(p[0]) for p in out)
     earlier: List[Tuple[List[int], List[Record], RunStats, List[int]]] = []
     if store is not None:
+        store.write_manifest("complete")  # after every partition file is on disk
         earlier = _stored_parts(store, todo)
-        store.write_manifest("complete")
         if store.skipped:
             print(f"toksearch: computed {computed} records, {store.skipped} came from the store "
                   f"({store.path})", flush=True)

@@ -15,9 +15,13 @@ from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_parti
 from toksearch_launch.pipeline.results import ResultSet
 from toksearch_launch.pipeline.store import AUTO, resolve_store
 
-#: Partitions of a serial run that has a store (without one: a single partition). More
-#: partitions only mean finer-grained saving: the records and statistics are the same.
-SERIAL_STORE_PARTS = 100
+#: A serial run with a store is cut into partitions of this many records, but into at
+#: least SERIAL_MIN_PARTS (a stop loses at most 5% of the work) and at most SERIAL_MAX_PARTS
+#: (each costs a file and an fsync); without a store it is a single partition. Partitions
+#: only change how finely work is saved: the records and statistics are the same.
+SERIAL_STORE_PART_RECORDS = 500
+SERIAL_MIN_PARTS = 20
+SERIAL_MAX_PARTS = 100
 #: Seconds between checks of a stop request while waiting for a partition.
 POLL_S = 0.5
 
@@ -41,18 +45,22 @@ class SerialExecutor:
 
 def compute_serial(ops: Sequence[Op], records: List[Item], verbose: bool = False, store: Any = AUTO) -> ResultSet:
     """All records as one partition in this process (``records`` are consumed: pass copies);
-    with a store, :data:`SERIAL_STORE_PARTS` partitions, each saved as it finishes."""
+    with a store, partitions of :data:`SERIAL_STORE_PART_RECORDS`, each saved as it finishes."""
     opened = resolve_store(store, ops, records)
     return drive(
         SerialExecutor(ops),
         records,
         backend="serial",
         num_cpus=1,
-        numparts=1 if opened is None else SERIAL_STORE_PARTS,
+        numparts=1 if opened is None else serial_parts(len(records)),
         batch_size=None,
         verbose=verbose,
         store=opened,
     )
+
+
+def serial_parts(n_records: int) -> int:
+    return max(1, min(n_records, SERIAL_MAX_PARTS, max(SERIAL_MIN_PARTS, -(-n_records // SERIAL_STORE_PART_RECORDS))))
 
 
 def usable_cpus() -> int:

@@ -12,6 +12,7 @@ script); outside one, ``compute_*(store=PATH)``. See docs/durability.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import pickle
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire
 from toksearch_launch.pipeline.record import Record
@@ -66,8 +67,6 @@ def _short_repr(value: Any, limit: int = 200) -> str:
 
 def describe_callable(func: Any, h: "hashlib._Hash") -> None:
     """What makes a user function what it is: qualified name, bytecode, defaults, closure values."""
-    import functools
-
     while isinstance(func, functools.partial):
         h.update(_short_repr(func.args).encode() + _short_repr(func.keywords).encode())
         func = func.func
@@ -194,7 +193,7 @@ def part_name(positions: Sequence[int], shots: Sequence[int]) -> str:
 
 
 def encode_partition(fp: str, positions: Sequence[int], shots: Sequence[int], records: Sequence[Record],
-                     stats: RunStats) -> bytes:
+                     stats: RunStats, total: int = 0) -> bytes:
     """Two pickles in one file: a small header (read alone by ``--status``), then the records."""
     header = {
         "format": FORMAT,
@@ -204,6 +203,7 @@ def encode_partition(fp: str, positions: Sequence[int], shots: Sequence[int], re
         "records_out": len(records),
         "records_with_errors": sum(1 for r in records if r["errors"]),
         "where_errors": stats.where_errors,
+        "total_records": total,
         "written": time.time(),
     }
     body = ([dict(r) for r in records], output_positions(positions, shots, records), stats)
@@ -229,6 +229,54 @@ def part_files(directory: Path) -> List[Path]:
 # --------------------------------------------------------------------------- the store
 
 
+class _Writer:
+    """One background thread that pickles, writes and fsyncs partition files in the order given.
+
+    The driver hands a finished partition over at once; pickling and the fsync
+    (milliseconds on a real disk) then overlap with the driver's wait for the next
+    partitions instead of stalling it. A partition is on disk one pickle + write +
+    fsync after it finished; ``flush`` waits for every handed-over file (before a
+    manifest, and before compute_* returns the records to the caller, who may
+    change them).
+    """
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[Optional[Tuple[Path, Callable[[], bytes]]]]" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="toksearch-store-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    path, encode = job
+                    write_atomic(path, encode())
+            except BaseException as exc:  # kept, raised in the driver by the next put/flush
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise OSError(f"writing the result store failed: {error}") from error
+
+    def put(self, path: Path, encode: "Callable[[], bytes]") -> None:
+        self._check()
+        self._queue.put((path, encode))
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._check()
+
+
 class ResultStore:
     """One pipeline's store: open (checks the fingerprint), add partitions, write the manifest."""
 
@@ -244,6 +292,7 @@ class ResultStore:
         self.partitions = 0
         self.errors: List[Dict[str, Any]] = []
         self.skipped = 0
+        self._writer: Optional[_Writer] = None
 
     @classmethod
     def open(cls, path: StoreArg, ops: Sequence[Op], items: Sequence[Item]) -> "ResultStore":
@@ -283,19 +332,28 @@ class ResultStore:
         self.partitions += 1
 
     def add(self, positions: Sequence[int], shots: Sequence[int], records: Sequence[Record], stats: RunStats) -> None:
-        """Write one finished partition (atomically) before anything else happens to it."""
+        """Hand one finished partition to the writer (an atomic file, written and fsynced next)."""
         if not positions:
             return
-        data = encode_partition(self.fingerprint, positions, shots, records, stats)
-        write_atomic(self.path / part_name(positions, shots), data)
+        if self._writer is None:
+            self._writer = _Writer()
+        encode = functools.partial(encode_partition, self.fingerprint, list(positions), list(shots), list(records),
+                                   stats, self.total)
+        self._writer.put(self.path / part_name(positions, shots), encode)
         self._count({"positions": positions, "records_out": len(records), "where_errors": stats.where_errors,
                      "records_with_errors": sum(1 for r in records if r["errors"])})
         for rec in records:
             if rec["errors"] and len(self.errors) < MAX_MANIFEST_ERRORS:
                 self.errors.append({"shot": rec["shot"], "errors": rec["errors"]})
 
+    def flush(self) -> None:
+        """Wait until every partition handed over is on disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def write_manifest(self, state: str) -> None:
-        """``state``: running, stopped (a signal or a deadline), complete."""
+        """``state``: running, stopped (a signal or a deadline), complete. Flushes the partitions first."""
+        self.flush()
         manifest = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -314,14 +372,14 @@ class ResultStore:
 
 
 def write_atomic_replace(path: Path, data: bytes) -> None:
-    """Like :func:`write_atomic`, for a file rewritten in place (the manifest): temp file + rename."""
+    """For a file rewritten in place (the manifest): temp file + rename, so a reader sees the old
+    or the new file whole. No fsync: the manifest is a summary (the fsynced partition files are the
+    truth, and carry the fingerprint and the total themselves), and two fsyncs per manifest would be
+    most of the store's cost on a short run."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as out:
         out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 _compute_count = [0]
