@@ -273,3 +273,39 @@ def test_resume_errors_are_one_line(tmp_path):
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith("toksearch_submit: error:")
+
+
+def stopped_local_run(tmp_path, count: int):
+    """A site=local batch run of ``count`` records stopped by SIGUSR1 after three partitions."""
+    from slurm_support import wait_for
+
+    result = run_cli(["site=local", "-b", *JOB, "serial", str(count), "0.02"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
+    pid = int(result.stdout.split("submitted job local-")[1].split(";")[0])
+    store = run_dir / "results" / "compute-1"
+    wait_for(lambda: store.exists() and len(part_files(store)) >= 3, 60, 0.05, "three partitions stored")
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: "resume with" in (run_dir / "job-local.out").read_text(), 60, what="the stop message")
+    return run_dir
+
+
+def test_changed_pipeline_is_refused_then_fresh_starts_over(tmp_path):
+    run_dir = stopped_local_run(tmp_path, 300)
+    stored_before = {r["shot"] for r in load_results(run_dir)}
+    saved = json.loads((run_dir / "command.json").read_text())
+    saved["command"][-2] = "100"  # the script now runs over other shots: another fingerprint
+    (run_dir / "command.json").write_text(json.dumps(saved))
+    refused = run_cli(["--resume", str(run_dir), "-w"], tmp_path)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    out = (run_dir / "job-local.out").read_text()
+    [line] = [ln for ln in out.splitlines() if "holds another pipeline" in ln]
+    assert line.startswith("toksearch: result store ") and "--fresh" in line
+    assert "Traceback" not in out
+    assert {r["shot"] for r in load_results(run_dir)} == stored_before  # nothing was touched
+    fresh = run_cli(["--resume", str(run_dir), "--fresh", "-w"], tmp_path)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "earlier results moved to" in fresh.stdout
+    [aside] = list(run_dir.glob("results.replaced-*"))
+    assert {r["shot"] for r in load_results(aside)} == stored_before
+    assert_same_records(load_results(run_dir), reference(100))
