@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 from toksearch_launch.pipeline.ops import Item, RunStats
 from toksearch_launch.pipeline.record import Record
 from toksearch_launch.pipeline.results import ResultSet
+from toksearch_launch.pipeline.store import item_shot
 
 #: Partitions per CPU when neither the caller nor the job config says otherwise.
 DEFAULT_PARTITIONS_PER_CPU = 4
@@ -172,7 +173,7 @@ def drive(
                 break
             index_chunks = split_evenly(batch, nparts)
             chunks = [[records[k] for k in chunk] for chunk in index_chunks]
-            shots = [[_shot_of(item) for item in chunk] for chunk in chunks] if store is not None else None
+            shots = [[item_shot(item) for item in chunk] for chunk in chunks] if store is not None else None
             part_sizes.extend(len(c) for c in chunks)
             if verbose:
                 print("*" * 80)
@@ -240,10 +241,6 @@ class _NeverStop:
 _NEVER = _NeverStop()
 
 
-def _shot_of(item: Item) -> int:
-    return item if type(item) is int else item.shot  # type: ignore[union-attr]
-
-
 def _stored_parts(store: Any, todo: Sequence[int]) -> List[Tuple[List[int], List[Record], RunStats, List[int]]]:
     """Partitions an earlier attempt stored, as (input positions, records, stats, output positions)."""
     if not store.skipped:
@@ -284,7 +281,7 @@ def _merge(
     pairs: List[Tuple[int, Record]] = []
     for positions, recs, _, out_positions in parts:
         if out_positions is None:
-            out_positions = output_positions(positions, [_shot_of(records[k]) for k in positions], recs)
+            out_positions = output_positions(positions, [item_shot(records[k]) for k in positions], recs)
         pairs.extend(zip(out_positions, recs))
     pairs.sort(key=lambda pair: pair[0])
     return [rec for _, rec in pairs], stats
