@@ -32,6 +32,8 @@ _EXPORTS = {
     "SyntheticSignal": "toksearch_launch.signals",
     "Cluster": "toksearch_launch.cluster",
     "load_job_config": "toksearch_launch.config",
+    "load_results": "toksearch_launch.pipeline.store",
+    "load_dataframe": "toksearch_launch.pipeline.store",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,6 +36,10 @@ flags (before COMMAND):
   -m, --multirun       one job per combination of comma-separated override values
   -k, --keep-going     multirun, interactive: go on after a job fails
   -w, --wait           batch: wait for the job to end and exit with its exit code
+  --resume RUN_DIR [--fresh] [-w] [key=value ...]
+                       rerun a stopped run's command into its run dir; only unstored
+                       records are computed (--fresh: set old results aside, start over)
+  --status RUN_DIR     job ids, Slurm state, records stored/total and errors of a run
   --cfg {{job,hydra,all}}  print the composed config and exit (Hydra)
   --resolve            with --cfg: resolve interpolations
   --info [TOPIC]       print Hydra's information (config search path, defaults...)
@@ -297,7 +301,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        from toksearch_launch import run
+        from toksearch_launch import resume, run
         from toksearch_launch.config import ConfigError, validate
         from toksearch_launch.plan import plan_job
 
@@ -328,6 +332,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         for note in plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
         OmegaConf.save(cfg, plan.config_path, resolve=True)
+        resume.record_command(run_dir, inv.command, cwd)  # what --resume reruns
         if plan.script is not None:
             plan.script_path.write_text(plan.script, encoding="utf-8")
             plan.script_path.chmod(0o755)
@@ -339,6 +344,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
             return result.exit_code
 
         sub = run.submit_batch(plan)
+        resume.record_submission(run_dir, sub.job_id)
         print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
         result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
         result.scheduler = plan.scheduler
@@ -402,6 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``toksearch_submit``; returns (and exits with) the job's exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach us as exceptions, reported in one line
+    if argv and argv[0] in ("--resume", "--status"):  # a run dir's, not a new job's (docs/durability.md)
+        from toksearch_launch import resume
+
+        return resume.main(argv)
     try:
         inv = split_argv(argv)
         if inv.help or not argv:

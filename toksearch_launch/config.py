@@ -56,6 +56,10 @@ class BatchOptions:
 
     sbatch: List[str] = field(default_factory=list)
     job_name: str = "toksearch"
+    #: A job stopped by its time limit requeues itself (same job id) and resumes, until done.
+    requeue: bool = False
+    #: At most this many requeues after a time limit (preemptions do not count).
+    max_requeues: int = 3
 
 
 @dataclass
@@ -128,6 +132,9 @@ class SiteOptions:
     local_cpus_per_node: Optional[int] = None
     #: The site's SQL database (Pipeline.from_sql connect helpers).
     sql: SqlOptions = field(default_factory=SqlOptions)
+    #: Seconds before the time limit Slurm warns the job (SIGUSR1) so it stops cleanly and
+    #: keeps its results; at most half the time limit; 0: no warning.
+    stop_grace: float = 120.0
 
 
 @dataclass
@@ -198,6 +205,10 @@ def validate(cfg: DictConfig | ToksearchConfig) -> None:
     _one_of("backend.start", cfg.backend.start, BACKEND_STARTS)
     if cfg.backend.partitions_per_cpu < 1:
         raise ConfigError("backend.partitions_per_cpu must be 1 or more")
+    if cfg.site.stop_grace < 0:
+        raise ConfigError("site.stop_grace must be 0 (no warning) or more seconds")
+    if cfg.batch.max_requeues < 0:
+        raise ConfigError("batch.max_requeues must be 0 or more")
 
 
 def register_configs() -> None:

@@ -91,6 +91,60 @@ def refuses_exclusive_with_overlap(version: Optional[Version]) -> bool:
     return version is not None and tuple(version[:2]) >= EXCLUSIVE_OVERLAP_REFUSED_SINCE
 
 
+def slurm_seconds(text: str) -> Optional[int]:
+    """A Slurm time (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in seconds; None if unlimited/unparsable."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        day, _, text = text.partition("-")
+        if not day.isdigit():
+            return None
+        days = int(day)
+        parts = text.split(":")
+        if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+            return None
+        h, m, sec = (list(map(int, parts)) + [0, 0])[:3]
+        return ((days * 24 + h) * 60 + m) * 60 + sec
+    parts = text.split(":")
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    values = list(map(int, parts))
+    if len(values) == 1:
+        return values[0] * 60
+    if len(values) == 2:
+        return values[0] * 60 + values[1]
+    return (values[0] * 60 + values[1]) * 60 + values[2]
+
+
+def time_limit(options: Sequence[str]) -> Optional[int]:
+    """Seconds of the last ``--time``/``-t`` among sbatch/salloc options (None: the partition's default)."""
+    limit: Optional[int] = None
+    options = list(options)
+    for i, opt in enumerate(options):
+        value = None
+        if opt.startswith("--time="):
+            value = opt[len("--time="):]
+        elif opt in ("--time", "-t") and i + 1 < len(options):
+            value = options[i + 1]
+        elif opt.startswith("-t") and len(opt) > 2 and not opt.startswith("--"):
+            value = opt[2:]
+        if value is not None:
+            limit = slurm_seconds(value)
+    return limit
+
+
+def stop_signal_grace(cfg: DictConfig, options: Sequence[str]) -> Optional[int]:
+    """Seconds of warning before the time limit: ``site.stop_grace``, at most half the limit
+    (so a 2-minute job still runs a minute); None when off or the user gave a ``--signal``."""
+    grace = float(cfg.site.stop_grace)
+    if grace <= 0 or any(str(o).startswith("--signal") for o in options):
+        return None
+    limit = time_limit(options)
+    if limit:
+        grace = min(grace, limit / 2)
+    return max(1, int(grace))
+
+
 def display(argv: Sequence[str]) -> str:
     """The command line as a user would type it (for printing only)."""
     return shlex.join(argv)
@@ -152,7 +206,8 @@ def interactive_argv(cfg: DictConfig, command: Sequence[str], facts: Facts, note
         )
     else:
         argv.append("--exclusive")
-    argv += ["--propagate", *srun_opts]
+    grace = stop_signal_grace(cfg, [*salloc_opts, *srun_opts])
+    argv += ["--propagate", *srun_opts, *([f"--signal=USR1@{grace}"] if grace else [])]
     return argv + list(command)
 
 
@@ -176,6 +231,11 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     lines = ["#!/bin/bash", _sbatch_line("-N", str(cfg.nodes))]
     options = ["--exclusive"] if cfg.site.exclusive else []
     options += _without_x11(cfg.batch.sbatch, "batch.sbatch", facts, notes)
+    grace = stop_signal_grace(cfg, options)
+    if grace:  # B: the batch step's COMMAND (exec'd below) gets it, not every step
+        options.append(f"--signal=B:USR1@{grace}")
+    if cfg.batch.requeue:  # the requeued attempt appends to the same output file
+        options += ["--requeue", "--open-mode=append"]
     options += [f"--job-name={cfg.batch.job_name}", f"--output={run_dir / BATCH_OUTPUT}"]
     lines += [_sbatch_line(o) for o in options]
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")

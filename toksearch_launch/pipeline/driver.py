@@ -1,8 +1,10 @@
-"""The driver loop every backend shares: batches, partitions, summary lines, progress.
+"""The driver loop every backend shares: batches, partitions, summary lines, progress, the store.
 
 A backend only provides an executor that runs a list of partitions and reports
-each finished one; batching, partition sizes, ordering, statistics and the
-TokSearch-style summary are decided here once, so every backend behaves alike.
+each finished one; batching, partition sizes, ordering, statistics, the
+TokSearch-style summary and the result store (each finished partition written
+at once, records already stored skipped, a clean stop on Slurm's warning
+signal) are decided here once, so every backend behaves alike.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from toksearch_launch.pipeline.ops import Item, RunStats
 from toksearch_launch.pipeline.record import Record
 from toksearch_launch.pipeline.results import ResultSet
+from toksearch_launch.pipeline.store import item_shot
 
 #: Partitions per CPU when neither the caller nor the job config says otherwise.
 DEFAULT_PARTITIONS_PER_CPU = 4
@@ -25,9 +28,31 @@ OnDone = Callable[[int, int, int], None]
 
 
 class Executor(Protocol):
-    """Runs partitions somewhere; returns their results in partition order."""
+    """Runs partitions somewhere; returns their results in partition order (all at the end)."""
 
     def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]: ...
+
+
+class StreamingExecutor(Protocol):
+    """Runs partitions somewhere and yields each as it finishes, so the driver stores it at once.
+
+    ``results`` yields ``(index into chunks, result)`` in completion order. It
+    submits no new partition once ``stop.requested``; it keeps yielding the running
+    ones until ``stop.abandon_now()``, then cancels them and returns. An executor
+    with only ``run`` still works: its partitions are stored when the batch ends.
+    """
+
+    def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]: ...
+
+
+def finished_partitions(executor: Any, chunks: List[List[Item]], stop: Any, on_done: OnDone) -> Iterator[Tuple[int, PartitionResult]]:
+    """Each finished partition of ``chunks`` as (index, result), from either kind of executor."""
+    if hasattr(executor, "results"):
+        for index, result in executor.results(chunks, stop):
+            on_done(result[1].records_in, result[1].records_with_errors, result[1].where_errors)
+            yield index, result
+        return
+    yield from enumerate(executor.run(chunks, on_done))
 
 
 def partitions_per_cpu() -> int:
@@ -103,7 +128,7 @@ class Progress:
 
 
 def drive(
-    executor: Executor,
+    executor: Any,
     records: Sequence[Item],
     *,
     backend: str,
@@ -112,24 +137,43 @@ def drive(
     batch_size: Optional[int],
     verbose: bool,
     info: Optional[Dict[str, Any]] = None,
+    store: Any = None,
 ) -> ResultSet:
-    """Run ``records`` through ``executor`` in batches of partitions; results in input order."""
+    """Run ``records`` through ``executor`` in batches of partitions; results in input order.
+
+    With a ``store`` (:class:`~toksearch_launch.pipeline.store.ResultStore`) every
+    finished partition is written before the next is looked at, records stored by
+    an earlier attempt are not computed again, and the result holds both.
+    """
+    from toksearch_launch.pipeline.stopping import STOP
+
     if numparts is not None and int(numparts) < 1:
         raise ValueError(f"numparts must be 1 or more, got {numparts!r}")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size!r}")
+    todo = list(range(len(records)))
+    if store is not None and store.done:
+        todo = [i for i in todo if i not in store.done]
+        print(f"toksearch: resuming {store.path}: {len(records) - len(todo)} of {len(records)} records already "
+              f"stored, skipped; computing {len(todo)}", flush=True)
     nparts = int(numparts) if numparts else default_numparts(num_cpus)
-    size = int(batch_size) if batch_size else max(1, len(records))
-    batches = [records[i : i + size] for i in range(0, len(records), size)]
+    size = int(batch_size) if batch_size else max(1, len(todo))
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
 
     start = time.perf_counter()
     stats = RunStats()
-    out: List[Record] = []
+    out: List[Tuple[List[int], List[Record], RunStats]] = []  # (input positions, records, stats)
     part_sizes: List[int] = []
-    progress = Progress(len(records), verbose, backend)
+    progress = Progress(len(todo), verbose, backend)
+    stop = STOP if store is not None else _NEVER
+    stop.active += 1
     try:
         for i, batch in enumerate(batches, 1):
-            chunks = split_evenly(batch, nparts)
+            if stop.requested:
+                break
+            index_chunks = split_evenly(batch, nparts)
+            chunks = [[records[k] for k in chunk] for chunk in index_chunks]
+            shots = [[item_shot(item) for item in chunk] for chunk in chunks] if store is not None else None
             part_sizes.extend(len(c) for c in chunks)
             if verbose:
                 print("*" * 80)
@@ -137,24 +181,44 @@ def drive(
                 print(f"NUM CPUS: {num_cpus}")
                 print(f"NUM PARTITIONS: {len(chunks)}")
                 print(f"MEDIAN PARTITION SIZE: {median_size(chunks)}", flush=True)
-            for recs, part_stats in executor.run(chunks, progress.update):
-                out.extend(recs)
-                stats.merge(part_stats)
+            for index, (recs, part_stats) in finished_partitions(executor, chunks, stop, progress.update):
+                if store is not None:
+                    store.add(index_chunks[index], shots[index], recs, part_stats)  # type: ignore[index]
+                out.append((index_chunks[index], recs, part_stats))
     finally:
+        stop.active -= 1
         progress.close()
+        if store is not None:
+            store.flush()  # finished partitions reach the disk even when the run fails
 
+    if store is not None and stop.requested and not store.complete:
+        from toksearch_launch.pipeline.stopping import stop_run
+
+        stop_run(store)  # exits
     elapsed = time.perf_counter() - start
+    computed = sum(len(p[0]) for p in out)
+    earlier: List[Tuple[List[int], List[Record], RunStats, List[int]]] = []
+    if store is not None:
+        store.write_manifest("complete")  # after every partition file is on disk
+        earlier = _stored_parts(store, todo)
+        if store.skipped:
+            print(f"toksearch: computed {computed} records, {store.skipped} came from the store "
+                  f"({store.path})", flush=True)
+    merged, stats = _merge(out, earlier, records)
     run_info: Dict[str, Any] = {
         "backend": backend,
         "num_cpus": num_cpus,
         "num_partitions": len(part_sizes),
         "num_batches": len(batches),
         "elapsed_s": elapsed,
+        "records_computed": computed,
     }
+    if store is not None:
+        run_info.update(store=str(store.path), records_skipped=store.skipped)
     run_info.update(info or {})
-    result = ResultSet(out, stats, run_info)
+    result = ResultSet(merged, stats, run_info)
     if verbose:
-        rate = len(records) / elapsed if elapsed > 0 else math.inf
+        rate = computed / elapsed if elapsed > 0 else math.inf
         print(
             f"DONE: {stats.records_out}/{stats.records_in} records in {elapsed:.2f} s "
             f"({rate:,.0f} records/s); records with errors: {stats.records_with_errors}",
@@ -162,3 +226,62 @@ def drive(
         )
     result.warn_where_errors()
     return result
+
+
+class _NeverStop:
+    """The stop request of a run without a store: nothing to save, so signals keep their usual effect."""
+
+    requested = False
+    active = 0
+
+    def abandon_now(self) -> bool:
+        return False
+
+
+_NEVER = _NeverStop()
+
+
+def _stored_parts(store: Any, todo: Sequence[int]) -> List[Tuple[List[int], List[Record], RunStats, List[int]]]:
+    """Partitions an earlier attempt stored, as (input positions, records, stats, output positions)."""
+    if not store.skipped:
+        return []
+    from toksearch_launch.pipeline.store import part_files, read_partition
+
+    fresh = set(todo)
+    parts = []
+    for path in part_files(store.path):
+        header, recs, out_positions, part_stats = read_partition(path)
+        if header["positions"] and header["positions"][0] in fresh:
+            continue  # written by this attempt: already in memory
+        parts.append((header["positions"], recs, part_stats, out_positions))
+    return parts
+
+
+def _merge(
+    computed: List[Tuple[List[int], List[Record], RunStats]],
+    earlier: List[Tuple[List[int], List[Record], RunStats, List[int]]],
+    records: Sequence[Item],
+) -> Tuple[List[Record], RunStats]:
+    """Every partition's records in input order, and their statistics merged as one run's.
+
+    Without earlier partitions the partitions are contiguous runs of the input,
+    so sorting them by their first position is enough; with them, positions of
+    two attempts interleave and each record is placed by its own input position.
+    """
+    from toksearch_launch.pipeline.store import output_positions
+
+    stats = RunStats()
+    parts: List[Tuple[List[int], List[Record], RunStats, Optional[List[int]]]] = [(*p, None) for p in computed]
+    parts += earlier
+    parts.sort(key=lambda part: part[0][0] if part[0] else -1)
+    for part in parts:
+        stats.merge(part[2])
+    if not earlier:
+        return [rec for part in parts for rec in part[1]], stats
+    pairs: List[Tuple[int, Record]] = []
+    for positions, recs, _, out_positions in parts:
+        if out_positions is None:
+            out_positions = output_positions(positions, [item_shot(records[k]) for k in positions], recs)
+        pairs.extend(zip(out_positions, recs))
+    pairs.sort(key=lambda pair: pair[0])
+    return [rec for _, rec in pairs], stats

@@ -7,11 +7,23 @@ import math
 import multiprocessing
 import os
 import pickle
-from typing import Any, List, Optional, Sequence, Union
+import queue
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
-from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive
+from toksearch_launch.pipeline.driver import PartitionResult, drive
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
+from toksearch_launch.pipeline.store import AUTO, resolve_store
+
+#: A serial run with a store is cut into partitions of this many records, but into at
+#: least SERIAL_MIN_PARTS (a stop loses at most 5% of the work) and at most SERIAL_MAX_PARTS
+#: (each costs a file and an fsync); without a store it is a single partition. Partitions
+#: only change how finely work is saved: the records and statistics are the same.
+SERIAL_STORE_PART_RECORDS = 500
+SERIAL_MIN_PARTS = 20
+SERIAL_MAX_PARTS = 100
+#: Seconds between checks of a stop request while waiting for a partition.
+POLL_S = 0.5
 
 #: Upper bound of the automatic multiprocessing batch size (bounds a task's memory).
 MAX_AUTO_BATCH = 2000
@@ -23,26 +35,32 @@ class SerialExecutor:
     def __init__(self, ops: Sequence[Op]) -> None:
         self.ops = ops
 
-    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]:
-        results = []
-        for chunk in chunks:
-            recs, stats = run_partition(self.ops, chunk)
-            on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
-            results.append((recs, stats))
-        return results
+    def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
+        """One partition after another; a stop takes effect between partitions."""
+        for index, chunk in enumerate(chunks):
+            if stop.requested:
+                return
+            yield index, run_partition(self.ops, chunk)
 
 
-def compute_serial(ops: Sequence[Op], records: List[Item], verbose: bool = False) -> ResultSet:
-    """All records as one partition in this process (``records`` are consumed: pass copies)."""
+def compute_serial(ops: Sequence[Op], records: List[Item], verbose: bool = False, store: Any = AUTO) -> ResultSet:
+    """All records as one partition in this process (``records`` are consumed: pass copies);
+    with a store, partitions of :data:`SERIAL_STORE_PART_RECORDS`, each saved as it finishes."""
+    opened = resolve_store(store, ops, records)
     return drive(
         SerialExecutor(ops),
         records,
         backend="serial",
         num_cpus=1,
-        numparts=1,
+        numparts=1 if opened is None else serial_parts(len(records)),
         batch_size=None,
         verbose=verbose,
+        store=opened,
     )
+
+
+def serial_parts(n_records: int) -> int:
+    return max(1, min(n_records, SERIAL_MAX_PARTS, max(SERIAL_MIN_PARTS, -(-n_records // SERIAL_STORE_PART_RECORDS))))
 
 
 def usable_cpus() -> int:
@@ -86,17 +104,42 @@ def _mp_run(task: Any) -> Any:
 
 
 class PoolExecutor:
-    """Runs partitions as tasks of a multiprocessing pool, collecting them as they finish."""
+    """Runs partitions as tasks of a multiprocessing pool, handing back each as it finishes."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, workers: int = 1) -> None:
         self.pool = pool
+        self.workers = max(1, workers)
 
-    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]:
-        results: List[Optional[PartitionResult]] = [None] * len(chunks)
-        for index, (rows, stats) in self.pool.imap_unordered(_mp_run, enumerate(chunks)):
-            results[index] = (records_from_wire(rows), stats)
-            on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
-        return results  # type: ignore[return-value]
+    def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
+        """At most one queued task per worker beyond the running ones, so a stop leaves little
+        queued; each result as it finishes. Abandoning terminates the pool."""
+        done: "queue.Queue[Any]" = queue.Queue()
+        window = 2 * self.workers
+        pending = iter(enumerate(chunks))
+        running = 0
+        exhausted = False
+        while True:
+            while not exhausted and not stop.requested and running < window:
+                task = next(pending, None)
+                if task is None:
+                    exhausted = True
+                    break
+                self.pool.apply_async(_mp_run, (task,), callback=done.put, error_callback=done.put)
+                running += 1
+            if running == 0:
+                return
+            try:
+                item = done.get(timeout=POLL_S)
+            except queue.Empty:
+                if stop.abandon_now():
+                    self.pool.terminate()
+                    return
+                continue
+            running -= 1
+            if isinstance(item, BaseException):
+                raise item
+            index, (rows, stats) = item
+            yield index, (records_from_wire(rows), stats)
 
 
 def auto_batch_size(n_records: int, num_workers: int) -> int:
@@ -111,6 +154,7 @@ def compute_multiprocessing(
     batch_size: Union[int, str] = "auto",
     verbose: bool = False,
     start_method: Optional[str] = None,
+    store: Any = AUTO,
 ) -> ResultSet:
     """A pool of ``num_workers`` processes, ``batch_size`` records per task."""
     workers = usable_cpus() if num_workers is None else int(num_workers)
@@ -124,12 +168,13 @@ def compute_multiprocessing(
         size = batch_size
     else:
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
+    opened = resolve_store(store, ops, records)
     payload = dumps_ops(ops)
     ctx = multiprocessing.get_context(start_method)
     pool = ctx.Pool(processes=workers, initializer=_mp_init, initargs=(payload,))
     try:
         result = drive(
-            PoolExecutor(pool),
+            PoolExecutor(pool, workers),
             records,
             backend="multiprocessing",
             num_cpus=workers,
@@ -137,6 +182,7 @@ def compute_multiprocessing(
             batch_size=None,
             verbose=verbose,
             info={"batch_size": size},
+            store=opened,
         )
         pool.close()
     except BaseException:

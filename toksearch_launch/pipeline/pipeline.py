@@ -214,11 +214,16 @@ class Pipeline:
         options.update(kwargs)
         return getattr(self, method)(**options)
 
-    def compute_serial(self, verbose: bool = False) -> ResultSet:
-        """In this process, one record after another: the reference the other backends must match."""
+    def compute_serial(self, verbose: bool = False, store: Any = "auto") -> ResultSet:
+        """In this process, one record after another: the reference the other backends must match.
+
+        ``store`` (every compute_*): ``"auto"`` saves each finished partition in the run
+        directory inside a toksearch_submit job (nothing outside one), a path saves
+        there, None saves nothing; see docs/durability.md."""
         from toksearch_launch.pipeline.local_backends import compute_serial
 
-        return as_record_set(compute_serial(self._ops, [_fresh(i) for i in self._items], verbose=verbose), SerialRecordSet)
+        return as_record_set(compute_serial(self._ops, [_fresh(i) for i in self._items], verbose=verbose, store=store),
+                             SerialRecordSet)
 
     def compute_multiprocessing(
         self,
@@ -226,6 +231,7 @@ class Pipeline:
         batch_size: Union[int, str] = "auto",
         verbose: bool = False,
         start_method: Optional[str] = None,
+        store: Any = "auto",
     ) -> ResultSet:
         """In a pool of ``num_workers`` processes (default: usable CPUs), ``batch_size`` records per task."""
         from toksearch_launch.pipeline.local_backends import compute_multiprocessing
@@ -237,6 +243,7 @@ class Pipeline:
             batch_size=batch_size,
             verbose=verbose,
             start_method=start_method,
+            store=store,
         ), MultiprocessingRecordSet)
 
     def compute_ray(
@@ -246,6 +253,7 @@ class Pipeline:
         verbose: bool = True,
         placement_group_func: Optional[Callable[[], Any]] = None,
         memory_per_shot: Optional[int] = None,
+        store: Any = "auto",
         **ray_init_kwargs: Any,
     ) -> ResultSet:
         """On Ray: the job's cluster inside toksearch_submit, else an existing or a new local Ray.
@@ -270,6 +278,7 @@ class Pipeline:
             memory_per_shot=memory_per_shot,
             ray_init_kwargs=init_kwargs,
             placement_group_func=placement_group_func,
+            store=store,
         )
 
     def compute_spark(
@@ -279,6 +288,7 @@ class Pipeline:
         cache: bool = False,
         batch_size: Optional[int] = None,
         verbose: bool = True,
+        store: Any = "auto",
     ) -> ResultSet:
         """On Spark: ``sc`` (SparkContext or SparkSession) if given, else the active one, the job's
         cluster inside toksearch_submit, or a new ``local[N]`` session (stopped afterwards).
@@ -296,6 +306,7 @@ class Pipeline:
             cache=cache,
             batch_size=batch_size,
             verbose=verbose,
+            store=store,
         )
 
 

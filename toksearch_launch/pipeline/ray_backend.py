@@ -5,20 +5,20 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from toksearch_launch.cluster import job_cluster
-from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive
+from toksearch_launch.pipeline.driver import PartitionResult, drive
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
+from toksearch_launch.pipeline.store import AUTO, resolve_store
+
+#: Seconds between checks of a stop request while waiting for partitions.
+POLL_S = 0.5
 
 #: ray.init defaults for a local Ray (the caller's ray_init_kwargs win): no dashboard
 #: (faster start, fewer processes), no INFO chatter.
 LOCAL_RAY_DEFAULTS: Dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
-
-#: At most this many ray.get calls per batch (each costs about 0.1 ms).
-MAX_GETS = 64
-
 
 #: A pickled pipeline larger than this goes through the object store once instead of
 #: inline in every task (Ray would otherwise store a copy per task).
@@ -40,12 +40,7 @@ def _remote_partition() -> Any:
 
 
 class RayExecutor:
-    """Submits every partition of a batch at once, then collects results in partition order.
-
-    Results are fetched in groups as they come due, so the driver unpickles early
-    partitions while later ones still run (one ``ray.get`` per partition would cost
-    too much with one record per partition; one for all would serialize the work).
-    """
+    """Keeps about one partition per CPU running and hands back each as it finishes."""
 
     def __init__(self, ops: Sequence[Op], memory_per_shot: Optional[int], num_cpus: int,
                  placement_group: Any = None) -> None:
@@ -62,26 +57,43 @@ class RayExecutor:
 
             self.task_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group)
 
-    def run(self, chunks: List[List[Any]], on_done: OnDone) -> List[PartitionResult]:
+    def _submit(self, chunk: List[Any]) -> Any:
+        options = dict(self.task_options)
+        if self.memory_per_shot:
+            options["memory"] = int(self.memory_per_shot) * len(chunk)
+        fn = _remote_partition()
+        task = fn.options(**options) if options else fn
+        return task.remote(self.ops, chunk)
+
+    def results(self, chunks: List[List[Any]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
+        """About one partition per CPU in flight (plus a few queued), each fetched as it finishes;
+        on a stop no new submissions, and once the grace is gone the running ones are cancelled."""
         import ray
 
-        fn = _remote_partition()
-        plain = fn.options(**self.task_options) if self.task_options else fn
-        refs = []
-        for chunk in chunks:
-            if self.memory_per_shot:
-                task = fn.options(memory=int(self.memory_per_shot) * len(chunk), **self.task_options)
-            else:
-                task = plain
-            refs.append(task.remote(self.ops, chunk))
-
-        group = max(self.num_cpus, len(refs) // MAX_GETS)
-        out: List[PartitionResult] = []
-        for start in range(0, len(refs), group):
-            for rows, stats in ray.get(refs[start : start + group]):
-                out.append((records_from_wire(rows), stats))
-                on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
-        return out
+        window = self.num_cpus + max(1, self.num_cpus // 4)
+        pending = iter(enumerate(chunks))
+        running: Dict[Any, int] = {}
+        exhausted = False
+        while True:
+            while not exhausted and not stop.requested and len(running) < window:
+                task = next(pending, None)
+                if task is None:
+                    exhausted = True
+                    break
+                running[self._submit(task[1])] = task[0]
+            if not running:
+                return
+            ready, rest = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            if ready and rest:  # whatever else is done too, without waiting
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            if not ready and stop.abandon_now():
+                for ref in running:
+                    ray.cancel(ref, force=True)
+                return
+            for ref in ready:
+                index = running.pop(ref)
+                rows, stats = ray.get(ref)
+                yield index, (records_from_wire(rows), stats)
 
 
 def alive_nodes() -> Tuple[List[str], int]:
@@ -103,6 +115,7 @@ def compute_ray(
     memory_per_shot: Optional[int],
     ray_init_kwargs: Dict[str, Any],
     placement_group_func: Optional[Any] = None,
+    store: Any = AUTO,
 ) -> ResultSet:
     """Attach to (or start) Ray, run, bring the kept fields back, shut down what was started here.
 
@@ -112,6 +125,7 @@ def compute_ray(
     """
     if not records:
         return RayRecordSet([], None, {"backend": "ray"})
+    opened = resolve_store(store, ops, records)  # before the cluster starts: its stop signal counts too
     import ray
 
     connection = "user" if ray.is_initialized() else "local"
@@ -148,6 +162,7 @@ def compute_ray(
             numparts=numparts,
             batch_size=batch_size,
             verbose=verbose,
+            store=opened,
         )
         result.info["nodes"] = nodes
         result.info["connection"] = connection

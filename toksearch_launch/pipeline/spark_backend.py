@@ -5,63 +5,73 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import pickle
 import sys
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from toksearch_launch.cluster import job_cluster
-from toksearch_launch.pipeline.driver import OnDone, PartitionResult, drive, progress_wanted
+from toksearch_launch.pipeline.driver import PartitionResult, drive
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet, SparkRecordSet, as_record_set
+from toksearch_launch.pipeline.store import AUTO, resolve_store
 
-#: How often (s) the progress display reads the task counters while a job runs.
-PROGRESS_POLL_S = 0.25
+#: Seconds between checks of a stop request while waiting for partitions.
+POLL_S = 0.5
 
-
-def _spark_partition(ops: Sequence[Op], counters: Optional[Tuple[Any, Any]], chunks: Iterable[List[Item]]) -> Iterator[PartitionResult]:
-    """A partition holds one chunk (a list of Records); it yields a single (records, stats)."""
+def _spark_partition(broadcast: Any, chunks: Iterable[List[Item]]) -> Iterator[PartitionResult]:
+    """A partition holds one chunk; it yields a single (records, stats). The steps come from a
+    broadcast (cloudpickled once per run), unpickled once per Python worker."""
+    ops = getattr(broadcast, "_toksearch_ops", None)  # the worker's broadcast object lives as long as the run
+    if ops is None:
+        ops = pickle.loads(broadcast.value)
+        broadcast._toksearch_ops = ops
     items = [item for chunk in chunks for item in chunk]
-    rows, stats = run_partition_wire(ops, items)
-    if counters is not None:
-        counters[0].add(stats.records_in)
-        counters[1].add(stats.records_with_errors + stats.where_errors)
-    yield rows, stats
+    yield run_partition_wire(ops, items)
 
 
 class SparkExecutor:
-    """Parallelizes a batch's chunks one per partition and collects them."""
+    """One Spark job per partition, about one per executor core at a time, each collected as it
+    finishes (a single collect() would return nothing until the last partition is done)."""
 
-    def __init__(self, sc: Any, ops: Sequence[Op], poll_progress: bool) -> None:
+    def __init__(self, sc: Any, ops: Sequence[Op], num_cpus: int) -> None:
+        from pyspark import cloudpickle
+
         self.sc = sc
-        self.ops = list(ops)
-        self.poll_progress = poll_progress
+        self.broadcast = sc.broadcast(cloudpickle.dumps(list(ops)))
+        self.num_cpus = max(1, num_cpus)
 
-    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]:
+    def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
         rdd = self.sc.parallelize(chunks, len(chunks))
-        if not self.poll_progress:
-            results = rdd.mapPartitions(functools.partial(_spark_partition, self.ops, None)).collect()
-            for _, stats in results:
-                on_done(stats.records_in, stats.records_with_errors, stats.where_errors)
-            return [(records_from_wire(rows), stats) for rows, stats in results]
+        func = functools.partial(_spark_partition, self.broadcast)
 
-        done_acc = self.sc.accumulator(0)
-        err_acc = self.sc.accumulator(0)
-        job = rdd.mapPartitions(functools.partial(_spark_partition, self.ops, (done_acc, err_acc)))
-        reported = [0, 0]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(job.collect)
+        def one(index: int) -> Tuple[int, PartitionResult]:
+            [(rows, stats)] = self.sc.runJob(rdd, func, [index])
+            return index, (records_from_wire(rows), stats)
+
+        pending = iter(range(len(chunks)))
+        running: set = set()
+        exhausted = False
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.num_cpus)
+        try:
             while True:
-                try:
-                    results = future.result(timeout=PROGRESS_POLL_S)
-                    break
-                except concurrent.futures.TimeoutError:
-                    done, errs = done_acc.value, err_acc.value
-                    on_done(done - reported[0], errs - reported[1], 0)
-                    reported = [done, errs]
-        total = sum(s.records_in for _, s in results)
-        errors = sum(s.records_with_errors + s.where_errors for _, s in results)
-        on_done(total - reported[0], errors - reported[1], 0)
-        return [(records_from_wire(rows), stats) for rows, stats in results]
+                while not exhausted and not stop.requested and len(running) < self.num_cpus:
+                    index = next(pending, None)
+                    if index is None:
+                        exhausted = True
+                        break
+                    running.add(pool.submit(one, index))
+                if not running:
+                    return
+                done, running = concurrent.futures.wait(running, timeout=POLL_S,
+                                                         return_when=concurrent.futures.FIRST_COMPLETED)
+                if not done and stop.abandon_now():
+                    self.sc.cancelAllJobs()
+                    return
+                for future in done:
+                    yield future.result()
+        finally:
+            pool.shutdown(wait=not stop.requested, cancel_futures=True)
 
 
 def local_session(num_cpus: Optional[int] = None) -> Any:
@@ -128,10 +138,12 @@ def compute_spark(
     cache: bool,
     batch_size: Optional[int],
     verbose: bool,
+    store: Any = AUTO,
 ) -> ResultSet:
     """Use ``sc`` / the active context / the job's cluster / a local session; stop only a session made here."""
     if not records:
         return SparkRecordSet([], None, {"backend": "spark"})
+    opened = resolve_store(store, ops, records)  # before the cluster starts: its stop signal counts too
     from pyspark import SparkContext
 
     connection = "user"  # see ray_backend.compute_ray: user, job or local
@@ -158,7 +170,7 @@ def compute_spark(
     try:
         num_cpus = cluster_cpus or int(sc.defaultParallelism)
         result = drive(
-            SparkExecutor(sc, ops, poll_progress=progress_wanted(verbose)),
+            SparkExecutor(sc, ops, num_cpus),
             records,
             backend="spark",
             num_cpus=num_cpus,
@@ -166,6 +178,7 @@ def compute_spark(
             batch_size=batch_size,
             verbose=verbose,
             info={"cache": cache},
+            store=opened,
         )
         result.info["nodes"] = executor_hosts(sc)
         result.info["connection"] = connection

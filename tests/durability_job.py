@@ -1,0 +1,79 @@
+"""The pipeline of the durability tests, and a job script that runs it.
+
+    python tests/durability_job.py BACKEND COUNT LATENCY
+
+COUNT shots of a synthetic signal that sleeps LATENCY seconds per fetch (so a
+run takes a known time), a map with an array and a scalar, a where() that drops
+some shots, a signal missing for some (records with errors). Prints
+``RESULT <records> computed=<n>`` when done.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from toksearch_launch import Pipeline, SyntheticSignal
+
+FIRST_SHOT = 170000
+
+
+def make_pipeline(count: int, latency: float) -> Pipeline:
+    pipeline = Pipeline(range(FIRST_SHOT, FIRST_SHOT + count))
+    pipeline.fetch("ip", SyntheticSignal("ip", n=64, latency=latency, missing_every=13))
+
+    @pipeline.map
+    def summarize(rec):
+        data = rec["ip"]["data"]
+        rec["max_ip"] = float(np.max(np.abs(data)))
+        rec["ip_head"] = np.asarray(data[:8], dtype=np.float32)
+
+    @pipeline.where
+    def not_every_seventh(rec):
+        return rec.shot % 7 != 0
+
+    pipeline.discard(["ip"])
+    return pipeline
+
+
+def main(argv) -> int:
+    import os
+
+    backend, count, latency = argv[0], int(argv[1]), float(argv[2])
+    print(f"PID {os.getpid()}", flush=True)  # the SIGKILL test kills exactly this process
+    pipeline = make_pipeline(count, latency)
+    kwargs = {"numparts": int(argv[3])} if len(argv) > 3 and backend in ("ray", "spark") else {}
+    if backend == "multiprocessing":
+        kwargs = {"num_workers": 2, "batch_size": int(argv[3]) if len(argv) > 3 else "auto"}
+    result = getattr(pipeline, f"compute_{backend}")(**kwargs)
+    print(f"RESULT {len(result)} computed={result.info.get('records_computed')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+def same_value(a, b) -> bool:
+    """Equal values, arrays by dtype, shape and content (NaN equal to NaN), dicts recursively."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if hasattr(a, "identical"):  # xarray
+        return bool(a.identical(b))
+    return type(a) is type(b) and a == b
+
+
+def assert_same_records(got, want) -> None:
+    """Record by record, field by field, in order: what the durability tests must show."""
+    got_shots = [r["shot"] for r in got]
+    want_shots = [r["shot"] for r in want]
+    assert len(got_shots) == len(set(got_shots)), "duplicated records"
+    assert got_shots == want_shots, f"lost: {sorted(set(want_shots) - set(got_shots))[:10]}, extra: {sorted(set(got_shots) - set(want_shots))[:10]}"
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys(), (g["shot"], sorted(g), sorted(w))
+        for key in w:
+            assert same_value(g[key], w[key]), (g["shot"], key, g[key], w[key])

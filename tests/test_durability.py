@@ -1,0 +1,311 @@
+"""The result store, stop and resume without SLURM: real files, real signals, values against compute_serial."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, compose, run_cli
+from durability_job import FIRST_SHOT, assert_same_records, make_pipeline
+from toksearch_launch import Pipeline, SyntheticSignal, load_dataframe, load_results
+from toksearch_launch.config import validate
+from toksearch_launch.pipeline import stopping
+from toksearch_launch.pipeline.store import (
+    MANIFEST,
+    StoreMismatch,
+    fingerprint,
+    part_files,
+    write_atomic,
+)
+from toksearch_launch.plan import Facts, plan_job, slurm_seconds, stop_signal_grace, time_limit
+
+JOB = [sys.executable, str(ROOT / "tests" / "durability_job.py")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_stop_request():
+    stopping.STOP.reset()
+    yield
+    stopping.STOP.reset()
+
+
+def reference(count: int):
+    return make_pipeline(count, 0.0).compute_serial(store=None)
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_store_holds_exactly_the_serial_result(tmp_path, backend):
+    store = tmp_path / "store"
+    pipeline = make_pipeline(120, 0.0)
+    kwargs = {"num_workers": 2, "batch_size": 7} if backend == "multiprocessing" else {}
+    result = getattr(pipeline, f"compute_{backend}")(store=store, **kwargs)
+    want = reference(120)
+    assert_same_records(result, want)
+    loaded = load_results(store)
+    assert_same_records(loaded, want)
+    assert loaded.stats == want.stats
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert manifest["state"] == "complete"
+    assert manifest["total_records"] == 120 and manifest["records_stored"] == 120
+    assert manifest["records_with_errors"] == want.num_errors > 0
+    assert not list(store.glob(".*"))  # no temp file left
+
+
+def test_numpy_and_xarray_records_round_trip(tmp_path):
+    xr = pytest.importorskip("xarray")
+    pipeline = Pipeline(range(1, 6))
+    pipeline.fetch("ip", SyntheticSignal("ip", n=32, dims=("times", "r")))
+
+    @pipeline.map
+    def as_dataset(rec):
+        data = rec["ip"]
+        rec["ds"] = xr.Dataset({"ip": (("times", "r"), data["data"])}, coords={"times": data["times"], "r": data["r"]},
+                               attrs={"units": "A"})
+        rec["nan"] = np.array([np.nan, 1.0])
+
+    result = pipeline.compute_serial(store=tmp_path / "s")
+    loaded = load_results(tmp_path / "s")
+    assert_same_records(loaded, result)
+    assert loaded[0]["ds"].identical(result[0]["ds"])
+
+
+def test_dataframe_of_scalar_fields(tmp_path):
+    pytest.importorskip("pandas")
+    make_pipeline(30, 0.0).compute_serial(store=tmp_path / "s")
+    frame = load_dataframe(tmp_path / "s")
+    want = reference(30)
+    assert list(frame.index) == [r["shot"] for r in want]
+    for rec in want:
+        if "max_ip" in rec:
+            assert frame.loc[rec["shot"], "max_ip"] == rec["max_ip"]
+        else:  # the signal was missing: the map failed, the record has an error
+            assert np.isnan(frame.loc[rec["shot"], "max_ip"]) and rec["errors"]
+    assert "ip_head" not in frame.columns  # arrays are not scalar fields
+    assert list(frame["num_errors"]) == [len(r["errors"]) for r in want]
+
+
+def test_stop_keeps_finished_partitions_and_resume_computes_only_the_rest(tmp_path, capsys):
+    import threading
+
+    store = tmp_path / "store"
+    first = make_pipeline(200, 0.005)  # about 1 s: the stop comes in the middle
+    timer = threading.Timer(0.4, stopping.STOP.request, (signal.SIGUSR1, 60.0, None))
+    timer.start()
+    with pytest.raises(SystemExit) as stopped:
+        first.compute_serial(store=store)
+    timer.join()
+    assert stopped.value.code == stopping.EXIT_STOPPED
+    assert "records stored in" in capsys.readouterr().out
+    partial = load_results(store)
+    stored = partial.info["records_stored"]
+    assert 0 < stored < 200 and not partial.info["complete"]
+    assert json.loads((store / MANIFEST).read_text())["state"] == "stopped"
+
+    stopping.STOP.reset()
+    result = make_pipeline(200, 0.005).compute_serial(store=store)
+    out = capsys.readouterr().out
+    assert f"{stored} of 200 records already stored, skipped; computing {200 - stored}" in out
+    assert result.info["records_computed"] == 200 - stored
+    want = reference(200)
+    assert_same_records(result, want)
+    assert_same_records(load_results(store), want)
+    assert result.stats == want.stats
+
+
+def test_another_pipeline_is_refused_in_one_line(tmp_path):
+    make_pipeline(20, 0.0).compute_serial(store=tmp_path / "s")
+    with pytest.raises(StoreMismatch) as err:
+        make_pipeline(21, 0.0).compute_serial(store=tmp_path / "s")
+    assert "\n" not in str(err.value) and "another pipeline" in str(err.value)
+
+
+def test_fingerprint_follows_steps_and_shots_and_is_stable_across_processes():
+    base = fingerprint(make_pipeline(10, 0.0).operations, list(range(FIRST_SHOT, FIRST_SHOT + 10)))
+    assert base == fingerprint(make_pipeline(10, 0.0).operations, list(range(FIRST_SHOT, FIRST_SHOT + 10)))
+    assert base != fingerprint(make_pipeline(10, 0.0).operations, list(range(FIRST_SHOT, FIRST_SHOT + 11)))
+    changed = make_pipeline(10, 0.0)
+    changed.keep(["max_ip"])
+    assert base != fingerprint(changed.operations, list(range(FIRST_SHOT, FIRST_SHOT + 10)))
+
+    def threshold(value):
+        p = Pipeline([1, 2])
+        p.where(lambda rec: rec.shot > value)
+        return fingerprint(p.operations, [1, 2])
+
+    assert threshold(1) != threshold(2)  # a closure's value is part of the function
+    code = ("import sys; sys.path.insert(0, 'tests'); from durability_job import make_pipeline;"
+            "from toksearch_launch.pipeline.store import fingerprint;"
+            f"print(fingerprint(make_pipeline(10, 0.0).operations, list(range({FIRST_SHOT}, {FIRST_SHOT + 10}))))")
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == base
+
+
+def test_sigkill_during_writes_leaves_only_whole_files(tmp_path):
+    """A writer killed at arbitrary moments: every partition file there is complete and readable."""
+    writer = ("import sys, os; sys.path.insert(0, 'tests');"
+              "from durability_job import make_pipeline;"
+              "p = make_pipeline(4000, 0.0); p.map(lambda r: r.__setitem__('pad', os.urandom(20000)));"
+              f"p.compute_serial(store={str(tmp_path / 's')!r})")
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT)
+        store = tmp_path / "s"
+        deadline_parts = len(part_files(store)) + 3 if store.exists() else 3
+
+        def enough():
+            return store.exists() and len(part_files(store)) >= deadline_parts
+
+        from slurm_support import wait_for
+
+        wait_for(lambda: enough() or proc.poll() is not None, 120, 0.01, "partitions to be written")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for part in part_files(tmp_path / "s"):
+        with open(part, "rb") as f:
+            header = pickle.load(f)
+            rows, positions, stats = pickle.load(f)
+        assert len(rows) == header["records_out"] == len(positions)
+    result = load_results(tmp_path / "s")
+    assert 0 < result.info["records_stored"] < 4000
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".pkl") and not p.name.startswith("part-")]
+
+
+def test_write_atomic_replaces_nothing_partially(tmp_path):
+    path = tmp_path / "part-x.pkl"
+    write_atomic(path, b"abc")
+    assert path.read_bytes() == b"abc"
+    assert [p.name for p in tmp_path.iterdir()] == ["part-x.pkl"]
+
+
+# --------------------------------------------------------------------------- plan: warning signal, requeue
+
+
+@pytest.mark.parametrize("text,seconds", [("2", 120), ("1:30", 90), ("1:00:00", 3600), ("1-2", 93600),
+                                          ("1-0:30", 88200), ("2-0:0:5", 172805), ("UNLIMITED", None), ("x", None)])
+def test_slurm_time_formats(text, seconds):
+    assert slurm_seconds(text) == seconds
+
+
+def test_time_limit_forms():
+    assert time_limit(["--time=2"]) == 120
+    assert time_limit(["-t", "3"]) == 180
+    assert time_limit(["-t4"]) == 240
+    assert time_limit(["--gres=gpu:1"]) is None
+
+
+def test_grace_is_clamped_to_half_the_limit_and_can_be_turned_off():
+    cfg = compose(["mode=batch"])
+    assert stop_signal_grace(cfg, ["--time=2"]) == 60
+    assert stop_signal_grace(cfg, ["--time=4:00:00"]) == 120
+    assert stop_signal_grace(cfg, []) == 120
+    assert stop_signal_grace(cfg, ["--signal=B:USR2@30"]) is None  # the user's own signal wins
+    off = compose(["site.stop_grace=0"])
+    assert stop_signal_grace(off, ["--time=2"]) is None
+
+
+def test_batch_script_asks_for_the_warning_and_requeue():
+    cfg = compose(["mode=batch", "batch.sbatch=['--time=2']", "batch.requeue=true"])
+    validate(cfg)
+    plan = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w"))
+    lines = plan.script.splitlines()
+    assert "#SBATCH --signal=B:USR1@60" in lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
+
+
+def test_interactive_step_asks_for_the_warning():
+    cfg = compose(["interactive.salloc=['--time=3']"])
+    plan = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w", display=None))
+    step = plan.argv[plan.argv.index("srun"):]
+    assert "--signal=USR1@90" in step
+
+
+# --------------------------------------------------------------------------- CLI: --status, --resume (site=local)
+
+
+def test_resume_status_and_finished_run_through_the_cli(tmp_path):
+    result = run_cli(["site=local", "-b", "--wait", *JOB, "serial", "40", "0"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
+    assert json.loads((run_dir / "command.json").read_text())["command"][-3:] == ["serial", "40", "0"]
+    assert_same_records(load_results(run_dir), reference(40))
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "compute-1: 40/40 records stored" in status.stdout and "finished" in status.stdout
+    assert "jobs: local-" in status.stdout
+    again = run_cli(["--resume", str(run_dir)], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "is finished" in again.stdout and "nothing to resume" in again.stdout
+
+
+def test_resume_of_a_stopped_local_run_completes_it(tmp_path):
+    result = run_cli(["site=local", "-b", *JOB, "serial", "300", "0.02"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
+    pid = int(result.stdout.split("submitted job local-")[1].split(";")[0])
+    from slurm_support import wait_for
+
+    wait_for(lambda: len(part_files(run_dir / "results" / "compute-1")) >= 3 if (run_dir / "results" / "compute-1").exists() else False,
+             60, 0.05, "three partitions stored")
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: "resume with" in (run_dir / "job-local.out").read_text(), 60, what="the stop message")
+    stored = load_results(run_dir).info["records_stored"]
+    assert 0 < stored < 300
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert f"compute-1: {stored}/300 records stored" in status.stdout
+    assert f"not finished: resume with: toksearch_submit --resume {run_dir}" in status.stdout
+    resumed = run_cli(["--resume", str(run_dir), "-w"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    out = (run_dir / "job-local.out").read_text()
+    assert f"computing {300 - stored}" in out
+    assert_same_records(load_results(run_dir), reference(300))
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    for args in (["--resume"], ["--resume", str(tmp_path / "nope")], ["--status"], ["--resume", str(tmp_path)]):
+        result = run_cli(args, tmp_path)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("toksearch_submit: error:")
+
+
+def stopped_local_run(tmp_path, count: int):
+    """A site=local batch run of ``count`` records stopped by SIGUSR1 after three partitions."""
+    from slurm_support import wait_for
+
+    result = run_cli(["site=local", "-b", *JOB, "serial", str(count), "0.02"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
+    pid = int(result.stdout.split("submitted job local-")[1].split(";")[0])
+    store = run_dir / "results" / "compute-1"
+    wait_for(lambda: store.exists() and len(part_files(store)) >= 3, 60, 0.05, "three partitions stored")
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: "resume with" in (run_dir / "job-local.out").read_text(), 60, what="the stop message")
+    return run_dir
+
+
+def test_changed_pipeline_is_refused_then_fresh_starts_over(tmp_path):
+    run_dir = stopped_local_run(tmp_path, 300)
+    stored_before = {r["shot"] for r in load_results(run_dir)}
+    saved = json.loads((run_dir / "command.json").read_text())
+    saved["command"][-2] = "100"  # the script now runs over other shots: another fingerprint
+    (run_dir / "command.json").write_text(json.dumps(saved))
+    refused = run_cli(["--resume", str(run_dir), "-w"], tmp_path)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    out = (run_dir / "job-local.out").read_text()
+    [line] = [ln for ln in out.splitlines() if "holds another pipeline" in ln]
+    assert line.startswith("toksearch: result store ") and "--fresh" in line
+    assert "Traceback" not in out
+    assert {r["shot"] for r in load_results(run_dir)} == stored_before  # nothing was touched
+    fresh = run_cli(["--resume", str(run_dir), "--fresh", "-w"], tmp_path)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "earlier results moved to" in fresh.stdout
+    [aside] = list(run_dir.glob("results.replaced-*"))
+    assert {r["shot"] for r in load_results(aside)} == stored_before
+    assert_same_records(load_results(run_dir), reference(100))
