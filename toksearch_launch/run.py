@@ -173,7 +173,9 @@ def submit_batch(plan: Plan) -> Submission:
                 plan.argv, env=_child_env(plan), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        return Submission(job_id=f"local-{proc.pid}", run_dir=str(plan.run_dir), output=str(output))
+        job_id = f"local-{proc.pid}"
+        _LOCAL_JOBS[job_id] = proc  # reaped by wait_local_job: another Popen must not reap it first
+        return Submission(job_id=job_id, run_dir=str(plan.run_dir), output=str(output))
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     result = subprocess.run(plan.argv, env=_child_env(plan), capture_output=True, text=True)
     if result.returncode != 0:
@@ -211,14 +213,19 @@ def wait_slurm_job(job_id: str, poll: float = 0.25, max_poll: float = 2.0,
         poll = min(poll * 1.5, max_poll)
 
 
-def wait_local_job(job_id: str, sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
-    """A site=local batch job is a process of ours: wait for it directly."""
-    import psutil
+#: site=local batch jobs started by this process, by job id: their handles, so that
+#: their exit codes are ours to collect (any later ``Popen`` reaps finished children
+#: it does not know, and a pid alone then tells nothing).
+_LOCAL_JOBS: Dict[str, subprocess.Popen] = {}
 
-    pid = int(job_id.split("-", 1)[1])
-    try:
-        code = psutil.Process(pid).wait()
-    except psutil.NoSuchProcess:
-        return "COMPLETED", 0
-    code = _exit_code(code if code is not None else 0)
+#: State of a job whose end we could not observe (its exit code is then 1: never a false 0).
+UNKNOWN = "UNKNOWN"
+
+
+def wait_local_job(job_id: str) -> tuple[str, int]:
+    """Wait for a site=local batch job this process started; return (state, exit code)."""
+    proc = _LOCAL_JOBS.pop(job_id, None)
+    if proc is None:  # not our child: nobody can tell us how it ended
+        return UNKNOWN, 1
+    code = _exit_code(proc.wait())
     return ("COMPLETED" if code == 0 else "FAILED"), code
