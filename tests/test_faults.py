@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import read_record, run_cli
 
 EXIT_BY_NODES = [sys.executable, "-c",
                  "import sys; from toksearch_launch.config import load_job_config as c; "
@@ -57,6 +57,29 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def slurm_job_processes(job_ids: list[str]) -> dict[str, list[str]]:
+    """Processes of these jobs on each test node (other helpers' jobs share the nodes): found by the
+    job id in their environment or in slurmstepd's name, never by program name."""
+    from slurm_support import NODES, namespace_pids
+
+    left: dict[str, list[str]] = {}
+    for node in NODES:
+        for pid in sorted(namespace_pids(node)):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            job = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SLURM_JOB_ID=")), None)
+            if job in job_ids or any(f"[{j}." in cmd for j in job_ids):
+                left.setdefault(node, []).append(f"{pid} {cmd.strip()}")
+    return left
+
+
+def submitted_ids(stdout: str) -> list[str]:
+    return re.findall(r"submitted job (\d+)", stdout)
+
+
 # --- item 2: a local batch job's exit code is never lost -------------------------------------
 
 def test_local_batch_multirun_keeps_each_exit_code(tmp_path):
@@ -87,3 +110,116 @@ def test_local_interactive_multirun_exit_codes(tmp_path):
     result = run_cli(["-m", "-k", "site=local", "nodes=1,2,3", *EXIT_BY_NODES], tmp_path)
     assert result.returncode == 3
     assert [(r[1], r[2]) for r in table_rows(result.stdout)] == [("FAILED", "3"), ("COMPLETED", "0"), ("FAILED", "4")]
+
+
+# --- items 3, 4: multirun --wait when scontrol forgets a job; sbatch refusing one job ----------
+
+FORGETFUL_SCONTROL = """#!/bin/sh
+echo "slurm_load_jobs error: Invalid job id specified" >&2
+exit 1
+"""
+NO_ACCOUNTING_SACCT = """#!/bin/sh
+echo "Slurm accounting storage is disabled" >&2
+exit 1
+"""
+#: sbatch stand-in that refuses the job whose script asks for 2 nodes, else hands over to tests/bin/sbatch.
+PICKY_SBATCH = """#!/bin/sh
+script="$(eval echo \\${$#})"
+if grep -q '^#SBATCH -N 2$' "$script"; then
+  echo "sbatch: error: Batch job submission failed: Node count specification invalid" >&2
+  exit 1
+fi
+exec "{standin}" "$@"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, standin_path):
+    """PATH with stand-ins: sbatch (tests/bin, refuses 2-node jobs), a scontrol that knows no job, a sacct without accounting."""
+    from conftest import TESTS
+
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FORGETFUL_SCONTROL), ("sacct", NO_ACCOUNTING_SACCT),
+                       ("sbatch", PICKY_SBATCH.replace("{standin}", str(TESTS / "bin" / "sbatch")))):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**standin_path, "PATH": f"{bin_dir}{os.pathsep}{standin_path['PATH']}"}
+
+
+def test_wait_for_a_job_scontrol_forgot_says_unknown_in_one_line(tmp_path, fake_slurm):
+    """Issue 11.3: the wait used to end in a traceback; now: the table, state UNKNOWN, the reason, exit 1."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(["-m", "-b", "-w", "site.slurm_version=22.05.8", "nodes=1,3", "hostname"], work, env=fake_slurm)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    rows = table_rows(result.stdout)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("4242", "UNKNOWN", "1"), ("4242", "UNKNOWN", "1")]
+    said = [ln for ln in result.stdout.splitlines() if ln.startswith("toksearch_submit: job 4242 UNKNOWN")]
+    assert said == ["toksearch_submit: job 4242 UNKNOWN, exit code 1: scontrol no longer knows job 4242 "
+                    "(purged after MinJobAge) and sacct has none (Slurm accounting storage is disabled)"]  # the stand-in gives both jobs one id
+
+
+def test_sbatch_refusing_one_job_of_a_sweep_keeps_the_others(tmp_path, fake_slurm):
+    """Issue 11.4: jobs after the refused one are still submitted; all submitted are waited for; the table has every job."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(["-m", "-b", "site.slurm_version=22.05.8", "nodes=1,2,3", "hostname"], work, env=fake_slurm)
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = table_rows(result.stdout)
+    assert [r[:3] for r in rows] == [["4242", "submitted", "0"], ["-", "NOT_SUBMITTED", "1"], ["4242", "submitted", "0"]]
+    assert "(not submitted: sbatch refused the job: sbatch: error: Batch job submission failed: " \
+           "Node count specification invalid)" in result.stdout
+    assert len(list(work.rglob("slurm-4242.out"))) == 2
+
+
+def test_a_value_hydra_cannot_compose_stops_the_sweep_before_any_job(tmp_path, fake_slurm):
+    """Hydra composes every job before the first runs: one line, nothing submitted, nothing left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(["-m", "-b", "site.slurm_version=22.05.8", "nodes=1,abc", "hostname"], work, env=fake_slurm)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("toksearch_submit: error: Error merging override nodes=abc: "
+                                                      "Value 'abc' of type 'str' could not be converted to Integer")
+    assert list(work.iterdir()) == []
+    assert read_record(fake_slurm) == []
+
+
+def test_a_sweep_where_every_job_is_refused_is_one_line_and_leaves_nothing(tmp_path):
+    result = run_cli(["-m", "-b", "site=local", "nodes=0,-1", "/bin/true"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "toksearch_submit: error: nodes=0: need a whole number of nodes, 1 or more"
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slurm
+def test_slurm_job_scontrol_does_not_know_is_unknown_without_accounting():
+    """Real scontrol and sacct: scontrol's answer for a purged job is "Invalid job id"; this cluster has no accounting."""
+    from toksearch_launch.run import wait_slurm_job
+
+    end = wait_slurm_job("987654321")
+    assert end.state == "UNKNOWN" and end.exit_code == 1
+    assert end.reason == ("scontrol no longer knows job 987654321 (purged after MinJobAge) and sacct has none "
+                          "(Slurm accounting storage is disabled)")
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_with_a_job_sbatch_refuses(tmp_path):
+    """Issue 11.4 on the real cluster: the refused job is in the table with sbatch's reason; the others ran."""
+    from slurm_support import TEST_SITE, wait_for
+
+    sweep = "batch.sbatch=[--time=0:30:00,--partition=debug],[--partition=nosuch],[--time=0:30:00,--partition=shared]"
+    with time_to_clean("slurm sweep, sbatch refuses job 1"):
+        result = run_cli([*TEST_SITE, "-m", "-b", "-w", sweep, "nodes=1", "hostname"], tmp_path,
+                         timeout=600)
+        jobs = submitted_ids(result.stdout)
+        wait_for(lambda: slurm_job_processes(jobs) == {}, 30, what=f"nothing of jobs {jobs} left on the nodes")
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = table_rows(result.stdout)
+    assert [r[1:3] for r in rows] == [["COMPLETED", "0"], ["NOT_SUBMITTED", "1"], ["COMPLETED", "0"]]
+    assert rows[1][0] == "-" and rows[0][0].isdigit() and rows[2][0].isdigit()
+    assert ("(not submitted: sbatch refused the job: sbatch: error: invalid partition specified: nosuch; "
+            "sbatch: error: Batch job submission failed: Invalid partition name specified)") in result.stdout
+    assert len(jobs) == 2

@@ -239,14 +239,16 @@ def _remove_empty_dirs(path: Path, stop: Path) -> None:
     while path != stop and stop in path.parents:
         try:
             path.rmdir()
+        except FileNotFoundError:  # removed already: its parents may be empty now
+            pass
         except OSError:
             return
         path = path.parent
 
 
-def _clean_dry_run(results: List[JobResult], cwd: Path) -> None:
-    """A dry run leaves nothing behind: not even the sweep's multirun.yaml."""
-    for run_dir in {Path(r.run_dir) for r in results}:
+def _clean_unused_run_dirs(results: List[JobResult], cwd: Path) -> None:
+    """A dry run, or a sweep where no job ran, leaves nothing behind: not even the sweep's multirun.yaml."""
+    for run_dir in {Path(r.run_dir) for r in results if r.run_dir != "-"}:
         for directory in (run_dir, run_dir.parent):
             (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
         _remove_empty_dirs(run_dir, cwd)
@@ -277,21 +279,34 @@ def _print_dry_run(plan, cfg) -> None:
             print(f"#   {display(argv)}")
 
 
+def _exit_code_of(exc: BaseException) -> int:
+    from toksearch_launch.run import LaunchError
+
+    return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
+
+
 def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
     """The Hydra task function: plan, then print (dry run) or run one job.
 
     Errors are kept in ``errors`` rather than raised: Hydra would print its own
-    multi-line report before re-raising.
+    multi-line report before re-raising. In a multirun, a job that cannot be planned
+    or that sbatch refuses is recorded with its reason and the sweep goes on, so that
+    jobs already submitted are still waited for and shown in the table.
     """
 
     def task(cfg) -> int:
-        if errors:  # an earlier job of the sweep could not even be planned or submitted
+        if errors and not inv.multirun:
             return EXIT_USAGE
         try:
             return run_one(cfg)
         except Exception as exc:
             errors.append(exc)
-            return EXIT_USAGE
+            code = _exit_code_of(exc)
+            if inv.multirun and results:
+                result = results[-1]
+                result.exit_code, result.note = code, f"not submitted: {_one_line(exc)}"
+                _remove_empty_dirs(Path(result.run_dir), Path(cwd))
+            return code
 
     def run_one(cfg) -> int:
         from hydra.core.hydra_config import HydraConfig
@@ -343,26 +358,43 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
         result.scheduler = plan.scheduler
         if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
-            _wait(result)
+            _wait([result])
         return result.exit_code
 
     return task
 
 
-def _wait(result: JobResult) -> None:
-    """Block until a submitted batch job ends; record its state and exit code."""
+def _wait(results: List[JobResult]) -> None:
+    """Block until every submitted batch job ends; record each state and exit code as it comes."""
     from toksearch_launch import run
 
-    waiter = run.wait_local_job if result.scheduler == "local" else run.wait_slurm_job
-    result.state, result.exit_code = waiter(result.job_id)
-    print(f"{PROG}: job {result.job_id} {result.state}, exit code {result.exit_code}", flush=True)
+    by_id: dict = {}
+    for result in results:
+        if result.job_id:
+            by_id.setdefault(result.job_id, []).append(result)
+
+    def record(job_id: str, end) -> None:
+        for result in by_id[job_id]:
+            result.state, result.exit_code, result.note = end.state, end.exit_code, end.reason
+        why = f": {end.reason}" if end.reason else ""
+        print(f"{PROG}: job {job_id} {end.state}, exit code {end.exit_code}{why}", flush=True)
+
+    for job_id, same in by_id.items():
+        if same[0].scheduler == "local":
+            record(job_id, run.wait_local_job(job_id))
+    slurm_ids = [job_id for job_id, same in by_id.items() if same[0].scheduler != "local"]
+    if slurm_ids:
+        run.wait_slurm_jobs(slurm_ids, on_end=record)
 
 
 def _print_table(results: List[JobResult]) -> None:
-    rows = [("job", "state", "exit", "overrides", "run dir")]
+    """One row per job of the sweep, whatever happened to it; the reason, if any, last."""
+    rows = [("job", "state", "exit", "overrides", "run dir / reason")]
     for r in results:
-        rows.append((r.job_id or "-", r.state or r.note or ("submitted" if r.job_id else "-"),
-                     str(r.exit_code), " ".join(r.overrides), r.run_dir))
+        state = r.state or ("NOT_SUBMITTED" if r.note.startswith("not submitted") else r.note.split(" ")[0] or
+                            ("submitted" if r.job_id else "-"))
+        where = r.run_dir + (f"  ({r.note})" if r.note and r.note != state else "")
+        rows.append((r.job_id or "-", state, str(r.exit_code), " ".join(r.overrides), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -383,19 +415,37 @@ def _run_hydra(inv: Invocation, cwd: str) -> List[JobResult]:
     errors: List[BaseException] = []
     task = _make_task(inv, results, errors, cwd)
     main = hydra.main(config_path="pkg://toksearch_launch.conf", config_name="config", version_base=None)(task)
+    sweep_dir = _sweep_dir(inv, cwd)
     saved_argv = sys.argv
-    sys.argv = [PROG, *inv.hydra_args]
+    sys.argv = [PROG, *inv.hydra_args, *([f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else [])]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*provider=hydra\.searchpath.*is not available")
             main()
-    finally:
+    finally:  # (Hydra composes every job of a sweep before running the first: a compose error stops all)
         sys.argv = saved_argv
-        if inv.dry_run:
-            _clean_dry_run(results, Path(cwd))
-    if errors:
-        raise errors[0]
+        if inv.dry_run or not _started(results):
+            _clean_unused_run_dirs(results, Path(cwd))
+            if sweep_dir:  # Hydra wrote multirun.yaml before it refused a job
+                _clean_unused_run_dirs([JobResult([], str(Path(cwd, sweep_dir, "0")), 0)], Path(cwd))
+    if errors and not (inv.multirun and _started(results)):
+        raise errors[0]  # nothing was submitted or run: the error alone, in one line
     return results
+
+
+def _sweep_dir(inv: Invocation, cwd: str) -> Optional[str]:
+    """The sweep's directory, chosen here (conf/config.yaml's pattern) so that a sweep Hydra
+    refuses leaves nothing behind; None when the user chose one or this is no sweep."""
+    import datetime
+
+    if not inv.multirun or any(a.startswith("hydra.sweep.dir=") for a in inv.hydra_args):
+        return None
+    return f"toksearch_runs/multirun/{datetime.datetime.now():%Y-%m-%d/%H-%M-%S-%f}"
+
+
+def _started(results: List[JobResult]) -> bool:
+    """Did any job of the sweep run or get submitted (so its table matters)?"""
+    return any(r.job_id or r.state for r in results)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -423,9 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return code
     if inv.multirun and inv.wait:
-        for result in results:
-            if result.job_id:
-                _wait(result)
+        _wait(results)
     if inv.multirun and results and not inv.dry_run:
         _print_table(results)
     return next((r.exit_code for r in results if r.exit_code != 0), 0)
