@@ -223,3 +223,60 @@ def test_slurm_sweep_with_a_job_sbatch_refuses(tmp_path):
     assert ("(not submitted: sbatch refused the job: sbatch: error: invalid partition specified: nosuch; "
             "sbatch: error: Batch job submission failed: Invalid partition name specified)") in result.stdout
     assert len(jobs) == 2
+
+
+# --- item 7 (launcher part): secrets never printed; file modes ---------------------------------
+
+SECRET = "hunter2-s3cr3t"
+
+
+def test_printed_interactive_command_is_redacted_but_the_job_gets_the_secret(tmp_path, standin_path):
+    command = [sys.executable, "-c", "import sys; print('GOT', sys.argv[1:])", "--token", SECRET, f"--password={SECRET}"]
+    env = {**standin_path, "DISPLAY": "", "STANDIN_SRUN_OPTS": "5"}
+    result = run_cli(["nodes=2", "site.slurm_version=22.05.8", "ray.master.start=[--redis-password=x]", *command],
+                     tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stderr
+    [shown] = [ln for ln in result.stderr.splitlines() if ln.startswith("toksearch_submit: salloc ")]
+    assert shown.endswith("--token '<redacted>' '--password=<redacted>'")
+    assert f"GOT ['--token', '{SECRET}', '--password={SECRET}']" in result.stdout
+    [salloc] = read_record(standin_path)
+    assert salloc[-3:] == ["--token", SECRET, f"--password={SECRET}"]
+
+
+def test_dry_run_and_sweep_lines_are_redacted(tmp_path):
+    result = run_cli(["-d", "-b", "-m", "site=local", f"ray.master.start=[--redis-password={SECRET}],[--x]",
+                      "python", "x.py", "--token", SECRET], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert "exec python x.py --token '<redacted>'" in result.stdout
+    assert "ray.master.start=['--redis-password=<redacted>']" in result.stderr
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_batch_script_is_0644_or_tighter_and_never_executable(tmp_path, standin_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        result = run_cli(["-b", "site.slurm_version=22.05.8", "hostname", "--token", SECRET], tmp_path, env=standin_path)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    [script] = list(tmp_path.rglob("job.sbatch"))
+    assert script.stat().st_mode & 0o777 == mode
+    assert SECRET in script.read_text()  # the job needs it; the file is not world-writable nor executable
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.cluster
+def test_cluster_temp_dir_is_0700_and_secret_file_0600(tmp_path):
+    """The eager Ray cluster's per-job temp dir and its auth token, as the job sees them (site=local)."""
+    probe = ("import os, stat, sys; p = os.environ['RAY_AUTH_TOKEN_PATH']; root = p\n"
+             "while not os.path.basename(root).startswith('tsl-'): root = os.path.dirname(root)\n"
+             "print('MODES', oct(os.stat(p).st_mode & 0o777), oct(os.stat(root).st_mode & 0o777), root)")
+    with time_to_clean("eager ray cluster start+stop (modes probe)"):
+        result = run_cli(["site=local", "nodes=1", "backend=ray", "backend.start=eager", sys.executable, "-c", probe],
+                         tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _, secret_mode, root_mode, root = next(ln for ln in result.stdout.splitlines() if ln.startswith("MODES")).split()
+    assert (secret_mode, root_mode) == ("0o600", "0o700")
+    assert not Path(root).exists()  # removed at the end of the job

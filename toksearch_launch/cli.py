@@ -254,6 +254,33 @@ def _clean_unused_run_dirs(results: List[JobResult], cwd: Path) -> None:
         _remove_empty_dirs(run_dir, cwd)
 
 
+def _shown_script(script: str) -> str:
+    """The batch script as printed: the options and COMMAND of its ``#SBATCH`` and ``exec`` lines redacted."""
+    import shlex
+
+    from toksearch_launch.plan import display
+
+    lines = []
+    for line in script.splitlines():
+        for prefix in ("#SBATCH ", "exec "):
+            if line.startswith(prefix):
+                line = prefix + display(shlex.split(line[len(prefix):]))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def shown_override(override: str) -> str:
+    """An override as printed (progress lines, table): secret-looking options in its list redacted."""
+    from toksearch_launch.cluster.procs import redact
+
+    key, eq, value = override.partition("=")
+    if not eq:
+        return override
+    items = re.findall(r"[^\[\],'\"\s]+", value)
+    shown = iter(redact(items))
+    return key + eq + re.sub(r"[^\[\],'\"\s]+", lambda _: next(shown), value)
+
+
 def _print_dry_run(plan, cfg) -> None:
     from toksearch_launch.plan import display
 
@@ -261,7 +288,7 @@ def _print_dry_run(plan, cfg) -> None:
         print(f"# note: {note}")
     if plan.script is not None:
         print(f"# {plan.script_path}")
-        print(plan.script, end="")
+        print(_shown_script(plan.script), end="")
     print(f"# run: {display(plan.argv)}")
     try:
         from toksearch_launch.cluster import plan_commands
@@ -283,6 +310,13 @@ def _exit_code_of(exc: BaseException) -> int:
     from toksearch_launch.run import LaunchError
 
     return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
+
+
+def _write_script(path: Path, text: str) -> None:
+    """job.sbatch: 0644 at most (the umask may tighten it), never executable: sbatch and bash read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
@@ -322,7 +356,8 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         result = JobResult(list(hc.overrides.task), str(run_dir), EXIT_USAGE, note="not run")
         results.append(result)
         if inv.multirun:
-            print(f"[{PROG}] job {hc.job.num}: {' '.join(result.overrides)}", file=sys.stderr, flush=True)
+            shown = " ".join(shown_override(o) for o in result.overrides)
+            print(f"[{PROG}] job {hc.job.num}: {shown}", file=sys.stderr, flush=True)
         if failed_before and cfg.mode == "interactive" and not inv.keep_going and not inv.dry_run:
             result.exit_code, result.note = 0, "skipped (an earlier job failed; -k goes on)"
             _remove_empty_dirs(run_dir, Path(cwd))
@@ -344,8 +379,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
             print(f"{PROG}: note: {note}", file=sys.stderr)
         OmegaConf.save(cfg, plan.config_path, resolve=True)
         if plan.script is not None:
-            plan.script_path.write_text(plan.script, encoding="utf-8")
-            plan.script_path.chmod(0o755)
+            _write_script(plan.script_path, plan.script)
 
         if plan.mode == "interactive":
             result.note = ""
@@ -394,7 +428,7 @@ def _print_table(results: List[JobResult]) -> None:
         state = r.state or ("NOT_SUBMITTED" if r.note.startswith("not submitted") else r.note.split(" ")[0] or
                             ("submitted" if r.job_id else "-"))
         where = r.run_dir + (f"  ({r.note})" if r.note and r.note != state else "")
-        rows.append((r.job_id or "-", state, str(r.exit_code), " ".join(r.overrides), where))
+        rows.append((r.job_id or "-", state, str(r.exit_code), " ".join(shown_override(o) for o in r.overrides), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])

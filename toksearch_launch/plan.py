@@ -92,8 +92,13 @@ def refuses_exclusive_with_overlap(version: Optional[Version]) -> bool:
 
 
 def display(argv: Sequence[str]) -> str:
-    """The command line as a user would type it (for printing only)."""
-    return shlex.join(argv)
+    """The command line as a user would type it, secrets redacted (for printing only).
+
+    The cluster's redaction, imported here when first printed: the cluster package costs
+    start-up time that a plan alone does not need."""
+    from toksearch_launch.cluster.procs import display as redacted_display
+
+    return redacted_display(argv)
 
 
 def _is_x11(option: str) -> bool:
