@@ -280,3 +280,57 @@ def test_cluster_temp_dir_is_0700_and_secret_file_0600(tmp_path):
     _, secret_mode, root_mode, root = next(ln for ln in result.stdout.splitlines() if ln.startswith("MODES")).split()
     assert (secret_mode, root_mode) == ("0o600", "0o700")
     assert not Path(root).exists()  # removed at the end of the job
+
+
+# --- item 8: command-line traps ------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", [["-N3"], ["-N=3"], ["-N", "3"], ["--nodes=3"]])
+def test_slurm_short_forms_of_nodes(tmp_path, standin_path, flag):
+    result = run_cli(["-d", *flag, "site.slurm_version=22.05.8", "python", "x.py"], tmp_path, env=standin_path)
+    assert result.returncode == 0, result.stderr
+    assert "# run: salloc -N 3 " in result.stdout
+
+
+@pytest.mark.parametrize("flag", [["-c", "4"], ["-c4"]])
+def test_slurm_cpus_flag_is_refused_in_one_line_naming_what_to_write(tmp_path, flag):
+    result = run_cli([*flag, "python", "x.py"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "toksearch_submit: error: -c is SLURM's --cpus-per-task, which toksearch_submit does not set: add it to the "
+        "job's options, e.g. 'interactive.srun_extra=[--cpus-per-task=4]' or 'batch.sbatch_extra=[--cpus-per-task=4]' "
+        "(Hydra's config print is --cfg)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extra_options_are_appended_after_the_sites(tmp_path, standin_path):
+    """The suggested override really works: the GPUs stay, the option is added, no note about dropping."""
+    result = run_cli(["-d", "-N2", "site=saga", "site.slurm_version=22.05.8", "interactive.salloc_extra=[--time=1:00:00]",
+                      "ray.worker.start_extra=[--num-cpus=8]", "python", "x.py"], tmp_path,
+                     env={**standin_path, "DISPLAY": ":0"})
+    assert result.returncode == 0, result.stderr
+    assert "# run: salloc -N 2 --exclusive --gres=gpu:volta:1 --x11=all --time=1:00:00 srun" in result.stdout
+    assert "--object-store-memory=95000000000 --memory=80000000000 --num-cpus=8" in result.stdout  # in-job ray worker
+    assert "replaces" not in result.stdout
+
+
+def test_an_override_that_drops_site_options_says_so_in_one_line(tmp_path, standin_path):
+    """Issue 11.8: `site=saga 'interactive.salloc=[--time=1:00:00]'` silently dropped --gres=gpu:volta:1."""
+    result = run_cli(["site=saga", "site.slurm_version=22.05.8", "interactive.salloc=[--time=1:00:00]",
+                      sys.executable, "-c", "print('ran')"], tmp_path,
+                     env={**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "6"})
+    assert result.returncode == 0, result.stderr
+    notes = [ln for ln in result.stderr.splitlines() if "replaces" in ln]
+    assert notes == ["toksearch_submit: note: interactive.salloc=[...] replaces the site=saga options and drops "
+                     "--gres=gpu:volta:1 --x11=all (to add options instead, use interactive.salloc_extra=[...])"]
+    [salloc] = read_record(standin_path)
+    assert salloc[:salloc.index("srun")] == ["salloc", "-N", "1", "--exclusive", "--time=1:00:00"]
+
+
+def test_the_job_config_holds_the_merged_lists(tmp_path):
+    code = ("from toksearch_launch.config import load_job_config as l; c = l(); "
+            "print('LISTS', list(c.ray.worker.start), list(c.ray.worker.start_extra))")
+    result = run_cli(["site=local", "ray.worker.start=[--a]", "ray.worker.start_extra=[--b]", sys.executable, "-c", code],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "LISTS ['--a', '--b'] []" in result.stdout
+    assert "replaces" not in result.stderr  # site=local sets no ray.worker.start options

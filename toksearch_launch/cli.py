@@ -30,7 +30,7 @@ Spark cluster started inside the job when the script asks for one.
   {PROG} -m mode=batch nodes=1,2,4 python scaling.py -- spark
 
 flags (before COMMAND):
-  -N, --nodes N        number of nodes (same as nodes=N)
+  -N, --nodes N        number of nodes (same as nodes=N; -N3 works too)
   -b, --batch          submit with sbatch (same as mode=batch)
   -d, --dry-run        print every command and the batch script; run nothing
   -m, --multirun       one job per combination of comma-separated override values
@@ -45,6 +45,8 @@ flags (before COMMAND):
 overrides (before COMMAND): key=value, +key=value, ~key, group=option
   groups: site=default|saga|local (or your own), mode=interactive|batch, backend=ray|spark
   e.g. nodes=3 'ray.worker.start=[--num-cpus=8]' interactive.salloc=[--time=1:00:00]
+  <list>_extra=[...] adds options after the site's: 'interactive.salloc_extra=[--time=1:00:00]'
+  (-c is SLURM's --cpus-per-task and is refused: use 'interactive.srun_extra=[--cpus-per-task=N]')
 
 COMMAND: the first word that is not a flag or an override; everything after it is
 the command's own (the first `--` after COMMAND is dropped, as in TokSearch, so
@@ -72,7 +74,16 @@ class Invocation:
 
 
 _OVERRIDE = re.compile(r"^(~[A-Za-z_][\w.\-/@]*(=|$)|(\+\+?)?[A-Za-z_][\w.\-/@]*=)")
-_FLAGS_WITH_VALUE = {"-N": "nodes", "--nodes": "nodes", "--cfg": "cfg", "-c": "cfg", "--config-dir": "config-dir", "-cd": "config-dir"}
+_FLAGS_WITH_VALUE = {"-N": "nodes", "--nodes": "nodes", "--cfg": "cfg", "--config-dir": "config-dir", "-cd": "config-dir"}
+
+
+def _refuse_cpus_flag(tok: str, argv: Sequence[str], i: int) -> None:
+    """SLURM's ``-c N`` (cpus per task) is not a launcher flag: say what to write instead, in one line."""
+    value = tok[2:].lstrip("=") or (argv[i + 1] if i + 1 < len(argv) else "N")
+    raise UsageError(
+        f"-c is SLURM's --cpus-per-task, which {PROG} does not set: add it to the job's options, e.g. "
+        f"'interactive.srun_extra=[--cpus-per-task={value}]' or 'batch.sbatch_extra=[--cpus-per-task={value}]' "
+        "(Hydra's config print is --cfg)")
 
 
 def _quote_list_items(value: str) -> str:
@@ -122,6 +133,10 @@ def split_argv(argv: Sequence[str]) -> Invocation:
             inv.command = argv[i + 1:]
             break
         name, eq, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        if tok.startswith("-N") and len(tok) > 2:  # salloc's attached form: -N3, -N=3
+            name, eq, inline = "-N", "=", tok[2:].removeprefix("=")
+        if tok == "-c" or (tok.startswith("-c") and tok[2:].lstrip("=").isdigit()):
+            _refuse_cpus_flag(tok, argv, i)
         if name in _FLAGS_WITH_VALUE:
             if eq:
                 value = inline
@@ -312,6 +327,20 @@ def _exit_code_of(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
 
 
+def _dropped_option_notes(cfg, overrides: List[str]) -> List[str]:
+    """Notes for option lists the overrides replaced, naming what the site had set (composed again without them)."""
+    from hydra import compose
+
+    from toksearch_launch.config import merge_extra_options
+    from toksearch_launch.plan import dropped_option_notes, override_key, replaced_option_lists
+
+    keys = replaced_option_lists(overrides)
+    if not keys:
+        return []
+    site_cfg = compose("config", overrides=[o for o in overrides if override_key(o) not in keys])
+    return dropped_option_notes(merge_extra_options(site_cfg), cfg, keys)
+
+
 def _write_script(path: Path, text: str) -> None:
     """job.sbatch: 0644 at most (the umask may tighten it), never executable: sbatch and bash read it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -347,7 +376,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         from omegaconf import OmegaConf
 
         from toksearch_launch import run
-        from toksearch_launch.config import ConfigError, validate
+        from toksearch_launch.config import ConfigError, merge_extra_options, validate
         from toksearch_launch.plan import plan_job
 
         hc = HydraConfig.get()
@@ -364,9 +393,11 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
             return 0
         try:
             validate(cfg)
+            cfg = merge_extra_options(cfg)
             plan = plan_job(cfg, inv.command, run_dir, _facts(cfg, cwd, inv.dry_run))
         except (ConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
+        plan.notes += _dropped_option_notes(cfg, result.overrides)
 
         if inv.dry_run:
             _print_dry_run(plan, cfg)

@@ -192,6 +192,33 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     return "\n".join(lines) + "\n"
 
 
+def override_key(override: str) -> str:
+    """``++interactive.salloc=[...]`` -> ``interactive.salloc``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def replaced_option_lists(overrides: Sequence[str]) -> List[str]:
+    """The option lists (``interactive.salloc``, ...) that these overrides set outright."""
+    from toksearch_launch.config import option_list_keys
+
+    lists = set(option_list_keys())
+    return [override_key(o) for o in overrides if override_key(o) in lists and "=" in o]
+
+
+def dropped_option_notes(site_cfg: DictConfig, cfg: DictConfig, keys: Sequence[str]) -> List[str]:
+    """One note per replaced list that lost options the site (or profile) set, and how to add instead."""
+    from omegaconf import OmegaConf
+
+    notes = []
+    for key in keys:
+        kept = list(OmegaConf.select(cfg, key) or [])
+        dropped = [o for o in OmegaConf.select(site_cfg, key) or [] if o not in kept]
+        if dropped:
+            notes.append(f"{key}=[...] replaces the site={site_cfg.site.name} options and drops {' '.join(dropped)} "
+                         f"(to add options instead, use {key}_extra=[...])")
+    return notes
+
+
 def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts) -> Plan:
     """Compose the full submission for one job of the (possibly multirun) sweep."""
     if not command:
