@@ -334,3 +334,41 @@ def test_the_job_config_holds_the_merged_lists(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "LISTS ['--a', '--b'] []" in result.stdout
     assert "replaces" not in result.stderr  # site=local sets no ray.worker.start options
+
+
+# --- item 9: a missing engine --------------------------------------------------------------------
+
+def blocked_modules_env(tmp_path: Path, *modules: str) -> dict:
+    """An environment whose Python cannot import ``modules`` (as after a plain pip install without the extra)."""
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    return {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.mark.parametrize("backend, module, extra", [("ray", "ray", "ray"), ("spark", "pyspark", "spark")])
+def test_eager_backend_not_installed_is_one_line_before_any_allocation(tmp_path, standin_path, backend, module, extra):
+    env = {**standin_path, **blocked_modules_env(tmp_path, module)}
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli([f"backend={backend}", "backend.start=eager", "-N", "2", "site.slurm_version=22.05.8",
+                      "python", "x.py"], work, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"toksearch_submit: error: backend={backend} needs the {module} package, which is "
+                                     f"not installed here: pip install 'toksearch_launch[{extra}]'")
+    assert read_record(standin_path) == []  # salloc never ran
+    assert list(work.iterdir()) == []
+
+
+def test_engine_require_names_the_extra(tmp_path):
+    code = ("from toksearch_launch.engines import require, EngineMissing\n"
+            "require('spark')\n"
+            "try:\n    require('ray')\nexcept EngineMissing as e:\n    print('MISSING', e)\n"
+            "import sys; print('IMPORTED', 'ray' in sys.modules and sys.modules['ray'] is not None)")
+    env = {**os.environ, **blocked_modules_env(tmp_path, "ray")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "MISSING backend=ray needs the ray package, which is not installed here: pip install 'toksearch_launch[ray]'",
+        "IMPORTED False"]

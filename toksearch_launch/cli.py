@@ -397,6 +397,12 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
             plan = plan_job(cfg, inv.command, run_dir, _facts(cfg, cwd, inv.dry_run))
         except (ConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
+        if cfg.backend.start == "eager":  # the wrapper starts the engine at once: check it before allocating
+            from toksearch_launch.engines import missing
+
+            reason = missing(cfg.backend.name)
+            if reason:
+                raise UsageError(reason)
         plan.notes += _dropped_option_notes(cfg, result.overrides)
 
         if inv.dry_run:
