@@ -372,3 +372,16 @@ def test_engine_require_names_the_extra(tmp_path):
     assert result.stdout.splitlines() == [
         "MISSING backend=ray needs the ray package, which is not installed here: pip install 'toksearch_launch[ray]'",
         "IMPORTED False"]
+
+
+# --- item 10: nothing left behind ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [[], ["-b"], ["-m", "nodes=1,2"], ["-b", "backend.start=eager"]],
+                         ids=["interactive", "batch", "multirun", "batch-eager"])
+def test_local_program_not_found_leaves_nothing(tmp_path, mode):
+    """Issue 11.10: `site=local no-such-program` left toksearch.yaml behind."""
+    result = run_cli(["site=local", *mode, "no-such-program-xyz", "arg"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "toksearch_submit: error: no-such-program-xyz: command not found"
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

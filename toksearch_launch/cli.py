@@ -412,6 +412,8 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
 
         if plan.scheduler == "slurm":
             run.require_program(plan.argv[0])  # before anything is written or said
+        else:
+            run.require_command(inv.command[0])
         for note in plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
         OmegaConf.save(cfg, plan.config_path, resolve=True)

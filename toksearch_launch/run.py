@@ -58,6 +58,12 @@ def require_program(name: str) -> str:
     return path
 
 
+def require_command(name: str) -> None:
+    """site=local: COMMAND must exist here (checked before the run dir gets any file)."""
+    if shutil.which(name) is None:
+        raise LaunchError(f"{name}: command not found")
+
+
 _slurm_version_cache: Dict[str, Optional[Version]] = {}
 
 
@@ -150,10 +156,8 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
 def run_interactive(plan: Plan) -> int:
     """salloc ... srun ... COMMAND (or COMMAND itself on site=local); returns the job's exit code.
 
-    On SLURM the caller has checked, before writing anything, that salloc is there
-    (:func:`require_program`)."""
-    if plan.scheduler == "local" and shutil.which(plan.argv[0]) is None:
-        raise LaunchError(f"{plan.argv[0]}: command not found")
+    The caller has checked, before writing anything, that salloc (:func:`require_program`)
+    or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
     if code != 0 and x11_failed:
