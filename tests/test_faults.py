@@ -385,3 +385,65 @@ def test_local_program_not_found_leaves_nothing(tmp_path, mode):
     assert result.stderr.strip().splitlines()[-1] == "toksearch_submit: error: no-such-program-xyz: command not found"
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- shared filesystem: the run dir must be visible from the nodes --------------------------------
+# The test cluster's nodes are network namespaces on one machine: they share every filesystem, so a
+# run dir cannot really be invisible to them. The honest stand-in: hold the job, take away what the
+# node would not see (the config, or the whole run dir), release it, and watch the job fail at once.
+
+def _held_batch_job(tmp_path):
+    from slurm_support import TEST_SITE
+
+    proc = subprocess.Popen([sys.executable, "-m", "toksearch_launch.cli", *TEST_SITE, "-b", "-w",
+                             "batch.sbatch_extra=[--hold]", "hostname"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TOKSEARCH_CONFIG": ""})
+    first = proc.stdout.readline()
+    match = re.search(r"submitted job (\d+); run dir (\S+);", first)
+    assert match, first + proc.stderr.read()
+    return proc, match.group(1), Path(match.group(2))
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("take_away", ["config", "run dir"])
+def test_slurm_run_dir_not_visible_on_the_node_fails_at_once(tmp_path, take_away):
+    import shutil
+
+    proc, job_id, run_dir = _held_batch_job(tmp_path)
+    try:
+        if take_away == "config":
+            (run_dir / "toksearch.yaml").unlink()
+        else:
+            shutil.rmtree(run_dir)
+        with time_to_clean(f"slurm batch, {take_away} not visible on the node"):
+            subprocess.run(["scontrol", "release", job_id], check=True)
+            out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", job_id])
+    assert proc.returncode == (1 if take_away == "config" else 181), out + err  # slurmstepd: ExitCode=0:53
+    [said] = [ln for ln in out.splitlines() if ln.startswith(f"toksearch_submit: job {job_id} ")]
+    if take_away == "config":
+        assert said == f"toksearch_submit: job {job_id} FAILED, exit code 1"
+        assert (run_dir / f"slurm-{job_id}.out").read_text().splitlines() == [
+            f"toksearch: {run_dir / 'toksearch.yaml'} is not visible on tsn1: the run directory must be on a "
+            "filesystem the compute nodes share (choose one with hydra.run.dir=...)"]
+    else:
+        assert said.startswith(f"toksearch_submit: job {job_id} FAILED, exit code 181: Slurm's reason: JobLaunchFailure; ")
+        assert said.endswith(f"; its output {run_dir}/slurm-{job_id}.out was never written: the run directory "
+                             "must be on a filesystem the compute nodes share")
+    assert slurm_job_processes([job_id]) == {}
+
+
+@pytest.mark.slurm
+def test_slurm_interactive_step_check_on_a_real_node(tmp_path):
+    """The interactive step's check, run by srun on a test node, for a config path the node cannot see."""
+    from toksearch_launch.plan import checked_command
+
+    missing = tmp_path / "node-local" / "toksearch.yaml"
+    ran = subprocess.run(["salloc", "-N", "1", "--time=0:05:00", "srun", "-N", "1", "--overlap",
+                          *checked_command(missing, ["echo", "COMMAND RAN"])], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 1 and "COMMAND RAN" not in ran.stdout
+    assert re.search(rf"toksearch: {re.escape(str(missing))} is not visible on tsn\d: the run directory must be on a "
+                     r"filesystem the compute nodes share \(choose one with hydra.run.dir=...\)", ran.stderr), ran.stderr

@@ -200,6 +200,7 @@ class JobResult:
     state: str = ""
     note: str = ""
     scheduler: str = ""
+    output: str = ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -429,7 +430,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         sub = run.submit_batch(plan)
         print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
         result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
-        result.scheduler = plan.scheduler
+        result.scheduler, result.output = plan.scheduler, sub.output
         if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
             _wait([result])
         return result.exit_code
@@ -447,9 +448,10 @@ def _wait(results: List[JobResult]) -> None:
             by_id.setdefault(result.job_id, []).append(result)
 
     def record(job_id: str, end) -> None:
+        reason = "; ".join(filter(None, (end.reason, _output_missing(by_id[job_id][0], end.state))))
         for result in by_id[job_id]:
-            result.state, result.exit_code, result.note = end.state, end.exit_code, end.reason
-        why = f": {end.reason}" if end.reason else ""
+            result.state, result.exit_code, result.note = end.state, end.exit_code, reason
+        why = f": {reason}" if reason else ""
         print(f"{PROG}: job {job_id} {end.state}, exit code {end.exit_code}{why}", flush=True)
 
     for job_id, same in by_id.items():
@@ -458,6 +460,14 @@ def _wait(results: List[JobResult]) -> None:
     slurm_ids = [job_id for job_id, same in by_id.items() if same[0].scheduler != "local"]
     if slurm_ids:
         run.wait_slurm_jobs(slurm_ids, on_end=record)
+
+
+def _output_missing(result: JobResult, state: str) -> str:
+    """Why a failed job may have said nothing: its output file never appeared here."""
+    if state == "COMPLETED" or not result.output or Path(result.output).exists():
+        return ""
+    return (f"its output {result.output} was never written: the run directory must be on a filesystem "
+            "the compute nodes share")
 
 
 def _print_table(results: List[JobResult]) -> None:

@@ -127,6 +127,24 @@ def job_command(cfg: DictConfig, command: Sequence[str], facts: Facts) -> List[s
     return list(command)
 
 
+#: Exit code of a job whose node cannot see the run directory.
+EXIT_RUN_DIR_INVISIBLE = 1
+
+
+def run_dir_check(config: str) -> str:
+    """Shell test the job's first step runs before COMMAND: the config the launcher wrote must be
+    visible on the node, else the run dir is not on a shared filesystem and nothing else
+    (cluster logs, results) would work either. ``config`` is a shell word naming the file."""
+    return (f'[ -r "{config}" ] || {{ echo "toksearch: {config} is not visible on $(hostname): the run directory '
+            'must be on a filesystem the compute nodes share (choose one with hydra.run.dir=...)" >&2; '
+            f'exit {EXIT_RUN_DIR_INVISIBLE}; }}')
+
+
+def checked_command(config_path: Path, command: Sequence[str]) -> List[str]:
+    """COMMAND run on the node behind the run-dir check (``sh -c 'CHECK; exec "$@"' CONFIG COMMAND...``)."""
+    return ["/bin/sh", "-c", run_dir_check("$0") + '; exec "$@"', str(config_path), *command]
+
+
 def x11_fix(cfg: DictConfig) -> Optional[str]:
     """The override a user types to drop X11 forwarding, if the options ask for it."""
     options = list(cfg.interactive.salloc)
@@ -185,6 +203,9 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     lines += [_sbatch_line(o) for o in options]
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
     lines += [f"export {name}={shlex.quote(value)}" for name, value in _job_env(run_dir).items()]
+    if cfg.site.scheduler == "slurm":
+        lines.append("# The run directory must be on a filesystem the nodes share: fail at once if not.")
+        lines.append(run_dir_check("$" + CONFIG_ENV))
     lines.append(f"cd {shlex.quote(facts.cwd)}")
     # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
     # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
@@ -231,7 +252,7 @@ def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Fact
     if cfg.mode == "interactive":
         if scheduler == "local":
             return Plan(cfg.mode, scheduler, cmd, run_dir, env, notes=notes)
-        argv = interactive_argv(cfg, cmd, facts, notes)
+        argv = interactive_argv(cfg, checked_command(run_dir / CONFIG_FILE, cmd), facts, notes)
         return Plan(cfg.mode, scheduler, argv, run_dir, env, notes=notes, x11_fix=x11_fix(cfg) if facts.display else None)
     script = batch_script(cfg, cmd, run_dir, facts, notes)
     if scheduler == "local":

@@ -255,7 +255,11 @@ def poll_slurm_job(job_id: str, scontrol: str) -> Optional[JobEnd]:
         raise _ControllerUnreachable(message or f"scontrol exit code {result.returncode}")
     fields = _scontrol_fields(result.stdout)
     state = fields.get("JobState", "")
-    return _job_end(state, fields.get("ExitCode", "0:0")) if state in FINAL_STATES else None
+    if state not in FINAL_STATES:
+        return None
+    end = _job_end(state, fields.get("ExitCode", "0:0"))
+    why = fields.get("Reason", "None")
+    return end._replace(reason=f"Slurm's reason: {why}") if state != "COMPLETED" and why not in ("None", "", "NonZeroExitCode") else end
 
 
 def wait_slurm_jobs(job_ids: List[str], poll: float = 0.25, max_poll: float = 2.0,
