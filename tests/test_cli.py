@@ -165,7 +165,7 @@ def test_hostile_arguments_survive_interactive_argv(tmp_path, standin_path):
     [salloc] = read_record(standin_path)
     expected = command[:2] + HOSTILE[:8] + HOSTILE[9:]  # the first `--` after COMMAND is dropped
     config = next(tmp_path.rglob("toksearch.yaml"))
-    assert salloc[-len(expected) - 5:] == ["--overlap", *checked_command(config, expected)]
+    assert salloc[-len(expected) - 6:] == ["--overlap", *checked_command(config, expected)]
     echoed = json.loads(result.stdout.split("ARGV=", 1)[1].splitlines()[0])
     assert echoed == HOSTILE[:8] + HOSTILE[9:]
 

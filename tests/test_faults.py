@@ -447,3 +447,59 @@ def test_slurm_interactive_step_check_on_a_real_node(tmp_path):
     assert ran.returncode == 1 and "COMMAND RAN" not in ran.stdout
     assert re.search(rf"toksearch: {re.escape(str(missing))} is not visible on tsn\d: the run directory must be on a "
                      r"filesystem the compute nodes share \(choose one with hydra.run.dir=...\)", ran.stderr), ran.stderr
+
+
+# --- the same faults on the real SLURM cluster ----------------------------------------------------
+
+@pytest.mark.slurm
+def test_slurm_batch_multirun_exit_codes_per_job(tmp_path):
+    from slurm_support import TEST_SITE
+
+    with time_to_clean("slurm batch multirun, exit codes 3/0"):
+        result = run_cli([*TEST_SITE, "-m", "-b", "-w", "nodes=1,2", *EXIT_BY_NODES], tmp_path, timeout=600)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert [(r[1], r[2]) for r in table_rows(result.stdout)] == [("FAILED", "3"), ("COMPLETED", "0")]
+    assert slurm_job_processes(submitted_ids(result.stdout)) == {}
+
+
+@pytest.mark.slurm
+def test_slurm_printed_commands_are_redacted(tmp_path):
+    from slurm_support import TEST_SITE
+
+    command = [sys.executable, "-c", "import sys; print('GOT', sys.argv[1:])", "--token", SECRET]
+    for mode in ([], ["-b", "-w"]):
+        result = run_cli([*TEST_SITE, *mode, "-N3", *command], tmp_path, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        ours = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.startswith("toksearch_submit:")]
+        assert ours and not [ln for ln in ours if SECRET in ln]
+        if not mode:
+            assert f"GOT ['--token', '{SECRET}']" in result.stdout  # the job itself got it
+            assert any(ln.endswith("--token '<redacted>'") for ln in ours)
+    [out] = list(tmp_path.rglob("slurm-*.out"))
+    assert out.read_text() == f"GOT ['--token', '{SECRET}']\n"
+    assert oct(next(tmp_path.rglob("job.sbatch")).stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.slurm
+def test_slurm_engine_missing_refused_before_salloc(tmp_path):
+    from slurm_support import TEST_SITE
+
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli([*TEST_SITE, "-N3", "backend=ray", "backend.start=eager", "python", "x.py"], work,
+                     env=blocked_modules_env(tmp_path, "ray"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("toksearch_submit: error: backend=ray needs the ray package, which is not "
+                                     "installed here: pip install 'toksearch_launch[ray]'")
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slurm
+def test_slurm_program_not_found_on_the_node(tmp_path):
+    """On SLURM COMMAND is looked up on the node: the job runs and fails with 127 and sh's one line."""
+    from slurm_support import TEST_SITE
+
+    result = run_cli([*TEST_SITE, "no-such-program-xyz", "arg"], tmp_path)
+    assert result.returncode == 127
+    assert "toksearch: 1: exec: no-such-program-xyz: not found" in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr

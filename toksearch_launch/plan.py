@@ -141,8 +141,9 @@ def run_dir_check(config: str) -> str:
 
 
 def checked_command(config_path: Path, command: Sequence[str]) -> List[str]:
-    """COMMAND run on the node behind the run-dir check (``sh -c 'CHECK; exec "$@"' CONFIG COMMAND...``)."""
-    return ["/bin/sh", "-c", run_dir_check("$0") + '; exec "$@"', str(config_path), *command]
+    """COMMAND run on the node behind the run-dir check (``sh -c 'CHECK; shift; exec "$@"' toksearch CONFIG COMMAND...``;
+    ``$0`` is the name sh gives its own errors: ``toksearch: 1: exec: prog: not found``)."""
+    return ["/bin/sh", "-c", run_dir_check("$1") + '; shift; exec "$@"', "toksearch", str(config_path), *command]
 
 
 def x11_fix(cfg: DictConfig) -> Optional[str]:
