@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, TESTS, read_record, run_cli
 from toksearch_launch.cli import UsageError, split_argv
+from toksearch_launch.plan import checked_command
 
 HOSTILE = [
     "with space", "it's", 'say "hi"', "$(touch /tmp/pwned_ts)", "`id`", "a;b", "line1\nline2",
@@ -93,7 +94,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("toksearch_submit: error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "toksearch_runs").exists() or not any((tmp_path / "toksearch_runs").rglob("job.sbatch"))
+    assert not (tmp_path / "toksearch_runs").exists()  # no run dir, no toksearch.yaml, no job.sbatch
 
 
 def test_not_a_slurm_host_names_program_and_suggests_local(tmp_path):
@@ -158,12 +159,13 @@ def test_user_config_dir_adds_a_site(tmp_path, standin_path):
 def test_hostile_arguments_survive_interactive_argv(tmp_path, standin_path):
     """salloc (stand-in) receives COMMAND byte for byte, and the command then sees it too."""
     command = [sys.executable, str(TESTS / "echo_argv.py"), *HOSTILE]
-    env = {**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "6", "STANDIN_SLURM_VERSION": "22.05.8"}  # -u -N 1 --propagate --overlap --signal
+    env = {**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "6", "STANDIN_SLURM_VERSION": "22.05.8"}  # -u -N 1 --propagate --overlap --signal (then the run-dir check)
     result = run_cli(["nodes=2", *command], tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     [salloc] = read_record(standin_path)
     expected = command[:2] + HOSTILE[:8] + HOSTILE[9:]  # the first `--` after COMMAND is dropped
-    assert salloc[-len(expected) - 2:] == ["--overlap", "--signal=USR1@120", *expected]
+    config = next(tmp_path.rglob("toksearch.yaml"))
+    assert salloc[-len(expected) - 7:] == ["--overlap", "--signal=USR1@120", *checked_command(config, expected)]
     echoed = json.loads(result.stdout.split("ARGV=", 1)[1].splitlines()[0])
     assert echoed == HOSTILE[:8] + HOSTILE[9:]
 

@@ -11,6 +11,7 @@ from conftest import TESTS, compose
 from toksearch_launch.config import ConfigError, validate
 from toksearch_launch.plan import (
     Facts,
+    checked_command,
     parse_slurm_version,
     plan_job,
     refuses_exclusive_with_overlap,
@@ -22,6 +23,8 @@ NEW_SLURM = (22, 5, 8)    # Debian 12's; refuses the pair
 TTY_X = Facts(stdin_is_tty=True, display=":0", slurm_version=OLD_SLURM, cwd="/work/dir", python="/venv/bin/python")
 COMMAND = ["python", "toksearch_example.py", "ray"]
 RUN_DIR = Path("/runs/r1")
+#: What the interactive step runs before COMMAND: the run-dir check (plan.checked_command).
+CHECK = checked_command(RUN_DIR / "toksearch.yaml", [])
 
 
 def plan(overrides, command=COMMAND, facts=TTY_X):
@@ -34,8 +37,8 @@ def test_golden_default_interactive():
     p = plan(["nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --overlap --signal=USR1@120 python toksearch_example.py ray"
-    ).split()
+        "srun -u --pty -N 1 --exclusive --propagate --overlap --signal=USR1@120"
+    ).split() + CHECK + COMMAND
     assert p.notes == []
 
 
@@ -43,9 +46,8 @@ def test_golden_saga_interactive():
     p = plan(["site=saga", "nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --gres=gpu:volta:1 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap --signal=USR1@120 "
-        "python toksearch_example.py ray"
-    ).split()
+        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap --signal=USR1@120"
+    ).split() + CHECK + COMMAND
 
 
 def test_golden_batch_script():
@@ -103,8 +105,8 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
     p = plan(["nodes=3"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --propagate --overlap --signal=USR1@120 python toksearch_example.py ray"
-    ).split()
+        "srun -u --pty -N 1 --propagate --overlap --signal=USR1@120"
+    ).split() + CHECK + COMMAND
     assert p.notes == [
         "Slurm 22.05.8 refuses --exclusive with --overlap on one step: "
         "the interactive step keeps --overlap and drops --exclusive"
@@ -113,8 +115,24 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
 
 def test_new_slurm_keeps_exclusive_when_step_has_no_overlap():
     p = plan(["nodes=3", "interactive.srun=[]"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
-    assert p.argv[-7:] == ["-N", "1", "--exclusive", "--propagate", "--signal=USR1@120", *COMMAND][-7:]
+    assert p.argv[-len(CHECK) - 7:] == ["-N", "1", "--exclusive", "--propagate", "--signal=USR1@120", *CHECK, *COMMAND][-len(CHECK) - 7:]
     assert "--exclusive" in p.argv[p.argv.index("srun"):]
+
+
+def test_run_dir_check_fails_at_once_with_one_line(tmp_path):
+    """The interactive step's check, run for real: a config the node cannot see stops the job (exit 1, one line)."""
+    import subprocess
+
+    missing = tmp_path / "not-shared" / "toksearch.yaml"
+    ran = subprocess.run(checked_command(missing, ["echo", "COMMAND RAN"]), capture_output=True, text=True)
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr.splitlines() == [
+        f"toksearch: {missing} is not visible on {__import__('socket').gethostname()}: the run directory must be on "
+        "a filesystem the compute nodes share (choose one with hydra.run.dir=...)"]
+    missing.parent.mkdir()
+    missing.write_text("nodes: 1\n")
+    ran = subprocess.run(checked_command(missing, ["echo", "it's", "$HOME"]), capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout) == (0, "it's $HOME\n")
 
 
 def test_slurm_version_parsing():

@@ -30,7 +30,7 @@ Spark cluster started inside the job when the script asks for one.
   {PROG} -m mode=batch nodes=1,2,4 python scaling.py -- spark
 
 flags (before COMMAND):
-  -N, --nodes N        number of nodes (same as nodes=N)
+  -N, --nodes N        number of nodes (same as nodes=N; -N3 works too)
   -b, --batch          submit with sbatch (same as mode=batch)
   -d, --dry-run        print every command and the batch script; run nothing
   -m, --multirun       one job per combination of comma-separated override values
@@ -49,6 +49,8 @@ flags (before COMMAND):
 overrides (before COMMAND): key=value, +key=value, ~key, group=option
   groups: site=default|saga|local (or your own), mode=interactive|batch, backend=ray|spark
   e.g. nodes=3 'ray.worker.start=[--num-cpus=8]' interactive.salloc=[--time=1:00:00]
+  <list>_extra=[...] adds options after the site's: 'interactive.salloc_extra=[--time=1:00:00]'
+  (-c is SLURM's --cpus-per-task and is refused: use 'interactive.srun_extra=[--cpus-per-task=N]')
 
 COMMAND: the first word that is not a flag or an override; everything after it is
 the command's own (the first `--` after COMMAND is dropped, as in TokSearch, so
@@ -76,7 +78,16 @@ class Invocation:
 
 
 _OVERRIDE = re.compile(r"^(~[A-Za-z_][\w.\-/@]*(=|$)|(\+\+?)?[A-Za-z_][\w.\-/@]*=)")
-_FLAGS_WITH_VALUE = {"-N": "nodes", "--nodes": "nodes", "--cfg": "cfg", "-c": "cfg", "--config-dir": "config-dir", "-cd": "config-dir"}
+_FLAGS_WITH_VALUE = {"-N": "nodes", "--nodes": "nodes", "--cfg": "cfg", "--config-dir": "config-dir", "-cd": "config-dir"}
+
+
+def _refuse_cpus_flag(tok: str, argv: Sequence[str], i: int) -> None:
+    """SLURM's ``-c N`` (cpus per task) is not a launcher flag: say what to write instead, in one line."""
+    value = tok[2:].lstrip("=") or (argv[i + 1] if i + 1 < len(argv) else "N")
+    raise UsageError(
+        f"-c is SLURM's --cpus-per-task, which {PROG} does not set: add it to the job's options, e.g. "
+        f"'interactive.srun_extra=[--cpus-per-task={value}]' or 'batch.sbatch_extra=[--cpus-per-task={value}]' "
+        "(Hydra's config print is --cfg)")
 
 
 def _quote_list_items(value: str) -> str:
@@ -126,6 +137,10 @@ def split_argv(argv: Sequence[str]) -> Invocation:
             inv.command = argv[i + 1:]
             break
         name, eq, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        if tok.startswith("-N") and len(tok) > 2:  # salloc's attached form: -N3, -N=3
+            name, eq, inline = "-N", "=", tok[2:].removeprefix("=")
+        if tok == "-c" or (tok.startswith("-c") and tok[2:].lstrip("=").isdigit()):
+            _refuse_cpus_flag(tok, argv, i)
         if name in _FLAGS_WITH_VALUE:
             if eq:
                 value = inline
@@ -189,6 +204,7 @@ class JobResult:
     state: str = ""
     note: str = ""
     scheduler: str = ""
+    output: str = ""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -243,17 +259,46 @@ def _remove_empty_dirs(path: Path, stop: Path) -> None:
     while path != stop and stop in path.parents:
         try:
             path.rmdir()
+        except FileNotFoundError:  # removed already: its parents may be empty now
+            pass
         except OSError:
             return
         path = path.parent
 
 
-def _clean_dry_run(results: List[JobResult], cwd: Path) -> None:
-    """A dry run leaves nothing behind: not even the sweep's multirun.yaml."""
-    for run_dir in {Path(r.run_dir) for r in results}:
+def _clean_unused_run_dirs(results: List[JobResult], cwd: Path) -> None:
+    """A dry run, or a sweep where no job ran, leaves nothing behind: not even the sweep's multirun.yaml."""
+    for run_dir in {Path(r.run_dir) for r in results if r.run_dir != "-"}:
         for directory in (run_dir, run_dir.parent):
             (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
         _remove_empty_dirs(run_dir, cwd)
+
+
+def _shown_script(script: str) -> str:
+    """The batch script as printed: the options and COMMAND of its ``#SBATCH`` and ``exec`` lines redacted."""
+    import shlex
+
+    from toksearch_launch.plan import display
+
+    lines = []
+    for line in script.splitlines():
+        for prefix in ("#SBATCH ", "exec "):
+            if line.startswith(prefix):
+                line = prefix + display(shlex.split(line[len(prefix):]))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def shown_override(override: str) -> str:
+    """An override as printed (progress lines, table): secret-looking options in its list redacted."""
+    from toksearch_launch.cluster.procs import redact
+
+    key, eq, value = override.partition("=")
+    if not eq:
+        return override
+    items = re.findall(r"[^\[\],'\"\s]+", value)
+    shown = iter(redact(items))
+    return key + eq + re.sub(r"[^\[\],'\"\s]+", lambda _: next(shown), value)
 
 
 def _print_dry_run(plan, cfg) -> None:
@@ -263,7 +308,7 @@ def _print_dry_run(plan, cfg) -> None:
         print(f"# note: {note}")
     if plan.script is not None:
         print(f"# {plan.script_path}")
-        print(plan.script, end="")
+        print(_shown_script(plan.script), end="")
     print(f"# run: {display(plan.argv)}")
     try:
         from toksearch_launch.cluster import plan_commands
@@ -281,28 +326,62 @@ def _print_dry_run(plan, cfg) -> None:
             print(f"#   {display(argv)}")
 
 
+def _exit_code_of(exc: BaseException) -> int:
+    from toksearch_launch.run import LaunchError
+
+    return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
+
+
+def _dropped_option_notes(cfg, overrides: List[str]) -> List[str]:
+    """Notes for option lists the overrides replaced, naming what the site had set (composed again without them)."""
+    from hydra import compose
+
+    from toksearch_launch.config import merge_extra_options
+    from toksearch_launch.plan import dropped_option_notes, override_key, replaced_option_lists
+
+    keys = replaced_option_lists(overrides)
+    if not keys:
+        return []
+    site_cfg = compose("config", overrides=[o for o in overrides if override_key(o) not in keys])
+    return dropped_option_notes(merge_extra_options(site_cfg), cfg, keys)
+
+
+def _write_script(path: Path, text: str) -> None:
+    """job.sbatch: 0644 at most (the umask may tighten it), never executable: sbatch and bash read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
     """The Hydra task function: plan, then print (dry run) or run one job.
 
     Errors are kept in ``errors`` rather than raised: Hydra would print its own
-    multi-line report before re-raising.
+    multi-line report before re-raising. In a multirun, a job that cannot be planned
+    or that sbatch refuses is recorded with its reason and the sweep goes on, so that
+    jobs already submitted are still waited for and shown in the table.
     """
 
     def task(cfg) -> int:
-        if errors:  # an earlier job of the sweep could not even be planned or submitted
+        if errors and not inv.multirun:
             return EXIT_USAGE
         try:
             return run_one(cfg)
         except Exception as exc:
             errors.append(exc)
-            return EXIT_USAGE
+            code = _exit_code_of(exc)
+            if inv.multirun and results:
+                result = results[-1]
+                result.exit_code, result.note = code, f"not submitted: {_one_line(exc)}"
+                _remove_empty_dirs(Path(result.run_dir), Path(cwd))
+            return code
 
     def run_one(cfg) -> int:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
         from toksearch_launch import resume, run
-        from toksearch_launch.config import ConfigError, validate
+        from toksearch_launch.config import ConfigError, merge_extra_options, validate
         from toksearch_launch.plan import plan_job
 
         hc = HydraConfig.get()
@@ -311,16 +390,25 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         result = JobResult(list(hc.overrides.task), str(run_dir), EXIT_USAGE, note="not run")
         results.append(result)
         if inv.multirun:
-            print(f"[{PROG}] job {hc.job.num}: {' '.join(result.overrides)}", file=sys.stderr, flush=True)
+            shown = " ".join(shown_override(o) for o in result.overrides)
+            print(f"[{PROG}] job {hc.job.num}: {shown}", file=sys.stderr, flush=True)
         if failed_before and cfg.mode == "interactive" and not inv.keep_going and not inv.dry_run:
             result.exit_code, result.note = 0, "skipped (an earlier job failed; -k goes on)"
             _remove_empty_dirs(run_dir, Path(cwd))
             return 0
         try:
             validate(cfg)
+            cfg = merge_extra_options(cfg)
             plan = plan_job(cfg, inv.command, run_dir, _facts(cfg, cwd, inv.dry_run))
         except (ConfigError, ValueError) as exc:
             raise UsageError(str(exc)) from None
+        if cfg.backend.start == "eager":  # the wrapper starts the engine at once: check it before allocating
+            from toksearch_launch.engines import missing
+
+            reason = missing(cfg.backend.name)
+            if reason:
+                raise UsageError(reason)
+        plan.notes += _dropped_option_notes(cfg, result.overrides)
 
         if inv.dry_run:
             _print_dry_run(plan, cfg)
@@ -329,13 +417,14 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
 
         if plan.scheduler == "slurm":
             run.require_program(plan.argv[0])  # before anything is written or said
+        else:
+            run.require_command(inv.command[0])
         for note in plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
         OmegaConf.save(cfg, plan.config_path, resolve=True)
         resume.record_command(run_dir, inv.command, cwd)  # what --resume reruns
         if plan.script is not None:
-            plan.script_path.write_text(plan.script, encoding="utf-8")
-            plan.script_path.chmod(0o755)
+            _write_script(plan.script_path, plan.script)
 
         if plan.mode == "interactive":
             result.note = ""
@@ -347,28 +436,54 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         resume.record_submission(run_dir, sub.job_id)
         print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
         result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
-        result.scheduler = plan.scheduler
+        result.scheduler, result.output = plan.scheduler, sub.output
         if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
-            _wait(result)
+            _wait([result])
         return result.exit_code
 
     return task
 
 
-def _wait(result: JobResult) -> None:
-    """Block until a submitted batch job ends; record its state and exit code."""
+def _wait(results: List[JobResult]) -> None:
+    """Block until every submitted batch job ends; record each state and exit code as it comes."""
     from toksearch_launch import run
 
-    waiter = run.wait_local_job if result.scheduler == "local" else run.wait_slurm_job
-    result.state, result.exit_code = waiter(result.job_id)
-    print(f"{PROG}: job {result.job_id} {result.state}, exit code {result.exit_code}", flush=True)
+    by_id: dict = {}
+    for result in results:
+        if result.job_id:
+            by_id.setdefault(result.job_id, []).append(result)
+
+    def record(job_id: str, end) -> None:
+        reason = "; ".join(filter(None, (end.reason, _output_missing(by_id[job_id][0], end.state))))
+        for result in by_id[job_id]:
+            result.state, result.exit_code, result.note = end.state, end.exit_code, reason
+        why = f": {reason}" if reason else ""
+        print(f"{PROG}: job {job_id} {end.state}, exit code {end.exit_code}{why}", flush=True)
+
+    for job_id, same in by_id.items():
+        if same[0].scheduler == "local":
+            record(job_id, run.wait_local_job(job_id))
+    slurm_ids = [job_id for job_id, same in by_id.items() if same[0].scheduler != "local"]
+    if slurm_ids:
+        run.wait_slurm_jobs(slurm_ids, on_end=record)
+
+
+def _output_missing(result: JobResult, state: str) -> str:
+    """Why a failed job may have said nothing: its output file never appeared here."""
+    if state == "COMPLETED" or not result.output or Path(result.output).exists():
+        return ""
+    return (f"its output {result.output} was never written: the run directory must be on a filesystem "
+            "the compute nodes share")
 
 
 def _print_table(results: List[JobResult]) -> None:
-    rows = [("job", "state", "exit", "overrides", "run dir")]
+    """One row per job of the sweep, whatever happened to it; the reason, if any, last."""
+    rows = [("job", "state", "exit", "overrides", "run dir / reason")]
     for r in results:
-        rows.append((r.job_id or "-", r.state or r.note or ("submitted" if r.job_id else "-"),
-                     str(r.exit_code), " ".join(r.overrides), r.run_dir))
+        state = r.state or ("NOT_SUBMITTED" if r.note.startswith("not submitted") else r.note.split(" ")[0] or
+                            ("submitted" if r.job_id else "-"))
+        where = r.run_dir + (f"  ({r.note})" if r.note and r.note != state else "")
+        rows.append((r.job_id or "-", state, str(r.exit_code), " ".join(shown_override(o) for o in r.overrides), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -389,19 +504,37 @@ def _run_hydra(inv: Invocation, cwd: str) -> List[JobResult]:
     errors: List[BaseException] = []
     task = _make_task(inv, results, errors, cwd)
     main = hydra.main(config_path="pkg://toksearch_launch.conf", config_name="config", version_base=None)(task)
+    sweep_dir = _sweep_dir(inv, cwd)
     saved_argv = sys.argv
-    sys.argv = [PROG, *inv.hydra_args]
+    sys.argv = [PROG, *inv.hydra_args, *([f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else [])]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*provider=hydra\.searchpath.*is not available")
             main()
-    finally:
+    finally:  # (Hydra composes every job of a sweep before running the first: a compose error stops all)
         sys.argv = saved_argv
-        if inv.dry_run:
-            _clean_dry_run(results, Path(cwd))
-    if errors:
-        raise errors[0]
+        if inv.dry_run or not _started(results):
+            _clean_unused_run_dirs(results, Path(cwd))
+            if sweep_dir:  # Hydra wrote multirun.yaml before it refused a job
+                _clean_unused_run_dirs([JobResult([], str(Path(cwd, sweep_dir, "0")), 0)], Path(cwd))
+    if errors and not (inv.multirun and _started(results)):
+        raise errors[0]  # nothing was submitted or run: the error alone, in one line
     return results
+
+
+def _sweep_dir(inv: Invocation, cwd: str) -> Optional[str]:
+    """The sweep's directory, chosen here (conf/config.yaml's pattern) so that a sweep Hydra
+    refuses leaves nothing behind; None when the user chose one or this is no sweep."""
+    import datetime
+
+    if not inv.multirun or any(a.startswith("hydra.sweep.dir=") for a in inv.hydra_args):
+        return None
+    return f"toksearch_runs/multirun/{datetime.datetime.now():%Y-%m-%d/%H-%M-%S-%f}"
+
+
+def _started(results: List[JobResult]) -> bool:
+    """Did any job of the sweep run or get submitted (so its table matters)?"""
+    return any(r.job_id or r.state for r in results)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -433,9 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return code
     if inv.multirun and inv.wait:
-        for result in results:
-            if result.job_id:
-                _wait(result)
+        _wait(results)
     if inv.multirun and results and not inv.dry_run:
         _print_table(results)
     return next((r.exit_code for r in results if r.exit_code != 0), 0)

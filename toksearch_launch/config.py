@@ -26,12 +26,19 @@ RUN_DIR_ENV = "TOKSEARCH_RUN_DIR"
 CONFIG_FILE = "toksearch.yaml"
 
 
+#: Suffix of the keys whose options are appended to the site's list of the same name
+#: (``interactive.salloc_extra=[--account=x]`` adds to ``interactive.salloc``): see :func:`merge_extra_options`.
+EXTRA = "_extra"
+
+
 @dataclass
 class StepOptions:
     """Options of one daemon kind: extra `srun` options for its step, extra options for its start command."""
 
     srun: List[str] = field(default_factory=list)
     start: List[str] = field(default_factory=list)
+    srun_extra: List[str] = field(default_factory=list)
+    start_extra: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +55,8 @@ class InteractiveOptions:
 
     salloc: List[str] = field(default_factory=list)
     srun: List[str] = field(default_factory=list)
+    salloc_extra: List[str] = field(default_factory=list)
+    srun_extra: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +69,7 @@ class BatchOptions:
     requeue: bool = False
     #: At most this many requeues after a time limit (preemptions do not count).
     max_requeues: int = 3
+    sbatch_extra: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,6 +219,37 @@ def validate(cfg: DictConfig | ToksearchConfig) -> None:
         raise ConfigError("site.stop_grace must be 0 (no warning) or more seconds")
     if cfg.batch.max_requeues < 0:
         raise ConfigError("batch.max_requeues must be 0 or more")
+
+
+def option_list_keys(node: Any = ToksearchConfig, prefix: str = "") -> List[str]:
+    """Dotted keys of every option list that has an ``_extra`` companion (``interactive.salloc``, ...)."""
+    import dataclasses
+
+    keys: List[str] = []
+    names = {f.name for f in dataclasses.fields(node)}
+    for f in dataclasses.fields(node):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += option_list_keys(type(default), f"{prefix}{f.name}.")
+        elif f.name + EXTRA in names:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def merge_extra_options(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` where each ``<list>_extra`` is appended to ``<list>`` and emptied.
+
+    Lets a user add options to a site's list without restating it; the job's config
+    then holds the merged lists only, so in-job code reads one list per option kind."""
+    import copy
+
+    merged = copy.deepcopy(cfg)
+    for key in option_list_keys():
+        extra = OmegaConf.select(merged, key + EXTRA)
+        if extra:
+            OmegaConf.update(merged, key, [*OmegaConf.select(merged, key), *extra], merge=False)
+            OmegaConf.update(merged, key + EXTRA, [], merge=False)
+    return merged
 
 
 def register_configs() -> None:

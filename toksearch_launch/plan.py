@@ -146,8 +146,13 @@ def stop_signal_grace(cfg: DictConfig, options: Sequence[str]) -> Optional[int]:
 
 
 def display(argv: Sequence[str]) -> str:
-    """The command line as a user would type it (for printing only)."""
-    return shlex.join(argv)
+    """The command line as a user would type it, secrets redacted (for printing only).
+
+    The cluster's redaction, imported here when first printed: the cluster package costs
+    start-up time that a plan alone does not need."""
+    from toksearch_launch.cluster.procs import display as redacted_display
+
+    return redacted_display(argv)
 
 
 def _is_x11(option: str) -> bool:
@@ -174,6 +179,25 @@ def job_command(cfg: DictConfig, command: Sequence[str], facts: Facts) -> List[s
     if cfg.backend.start == "eager":
         return [facts.python, "-m", "toksearch_launch.cluster.eager", "--backend", cfg.backend.name, "--", *command]
     return list(command)
+
+
+#: Exit code of a job whose node cannot see the run directory.
+EXIT_RUN_DIR_INVISIBLE = 1
+
+
+def run_dir_check(config: str) -> str:
+    """Shell test the job's first step runs before COMMAND: the config the launcher wrote must be
+    visible on the node, else the run dir is not on a shared filesystem and nothing else
+    (cluster logs, results) would work either. ``config`` is a shell word naming the file."""
+    return (f'[ -r "{config}" ] || {{ echo "toksearch: {config} is not visible on $(hostname): the run directory '
+            'must be on a filesystem the compute nodes share (choose one with hydra.run.dir=...)" >&2; '
+            f'exit {EXIT_RUN_DIR_INVISIBLE}; }}')
+
+
+def checked_command(config_path: Path, command: Sequence[str]) -> List[str]:
+    """COMMAND run on the node behind the run-dir check (``sh -c 'CHECK; shift; exec "$@"' toksearch CONFIG COMMAND...``;
+    ``$0`` is the name sh gives its own errors: ``toksearch: 1: exec: prog: not found``)."""
+    return ["/bin/sh", "-c", run_dir_check("$1") + '; shift; exec "$@"', "toksearch", str(config_path), *command]
 
 
 def x11_fix(cfg: DictConfig) -> Optional[str]:
@@ -240,11 +264,41 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     lines += [_sbatch_line(o) for o in options]
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
     lines += [f"export {name}={shlex.quote(value)}" for name, value in _job_env(run_dir).items()]
+    if cfg.site.scheduler == "slurm":
+        lines.append("# The run directory must be on a filesystem the nodes share: fail at once if not.")
+        lines.append(run_dir_check("$" + CONFIG_ENV))
     lines.append(f"cd {shlex.quote(facts.cwd)}")
     # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
     # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
     lines.append("exec " + shlex.join(command))
     return "\n".join(lines) + "\n"
+
+
+def override_key(override: str) -> str:
+    """``++interactive.salloc=[...]`` -> ``interactive.salloc``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def replaced_option_lists(overrides: Sequence[str]) -> List[str]:
+    """The option lists (``interactive.salloc``, ...) that these overrides set outright."""
+    from toksearch_launch.config import option_list_keys
+
+    lists = set(option_list_keys())
+    return [override_key(o) for o in overrides if override_key(o) in lists and "=" in o]
+
+
+def dropped_option_notes(site_cfg: DictConfig, cfg: DictConfig, keys: Sequence[str]) -> List[str]:
+    """One note per replaced list that lost options the site (or profile) set, and how to add instead."""
+    from omegaconf import OmegaConf
+
+    notes = []
+    for key in keys:
+        kept = list(OmegaConf.select(cfg, key) or [])
+        dropped = [o for o in OmegaConf.select(site_cfg, key) or [] if o not in kept]
+        if dropped:
+            notes.append(f"{key}=[...] replaces the site={site_cfg.site.name} options and drops {' '.join(dropped)} "
+                         f"(to add options instead, use {key}_extra=[...])")
+    return notes
 
 
 def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts) -> Plan:
@@ -259,7 +313,7 @@ def plan_job(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Fact
     if cfg.mode == "interactive":
         if scheduler == "local":
             return Plan(cfg.mode, scheduler, cmd, run_dir, env, notes=notes)
-        argv = interactive_argv(cfg, cmd, facts, notes)
+        argv = interactive_argv(cfg, checked_command(run_dir / CONFIG_FILE, cmd), facts, notes)
         return Plan(cfg.mode, scheduler, argv, run_dir, env, notes=notes, x11_fix=x11_fix(cfg) if facts.display else None)
     script = batch_script(cfg, cmd, run_dir, facts, notes)
     if scheduler == "local":

@@ -2,8 +2,8 @@
 
 Interactive jobs run in the foreground and their exit code becomes ours. Batch jobs
 are submitted with ``sbatch --parsable``; ``--wait`` polls ``scontrol show job``
-(``sbatch --wait`` adds about 10 s to every job, and without accounting there is no
-``sacct``).
+(``sbatch --wait`` adds about 10 s to every job), and asks ``sacct`` for a job that
+scontrol has purged; without accounting such a job's state is UNKNOWN (exit code 1).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, display, parse_slurm_version
 
@@ -56,6 +56,12 @@ def require_program(name: str) -> str:
             "(use site=local to run on this machine)"
         )
     return path
+
+
+def require_command(name: str) -> None:
+    """site=local: COMMAND must exist here (checked before the run dir gets any file)."""
+    if shutil.which(name) is None:
+        raise LaunchError(f"{name}: command not found")
 
 
 _slurm_version_cache: Dict[str, Optional[Version]] = {}
@@ -150,10 +156,8 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
 def run_interactive(plan: Plan) -> int:
     """salloc ... srun ... COMMAND (or COMMAND itself on site=local); returns the job's exit code.
 
-    On SLURM the caller has checked, before writing anything, that salloc is there
-    (:func:`require_program`)."""
-    if plan.scheduler == "local" and shutil.which(plan.argv[0]) is None:
-        raise LaunchError(f"{plan.argv[0]}: command not found")
+    The caller has checked, before writing anything, that salloc (:func:`require_program`)
+    or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
     if code != 0 and x11_failed:
@@ -173,15 +177,30 @@ def submit_batch(plan: Plan) -> Submission:
                 plan.argv, env=_child_env(plan), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        return Submission(job_id=f"local-{proc.pid}", run_dir=str(plan.run_dir), output=str(output))
+        job_id = f"local-{proc.pid}"
+        _LOCAL_JOBS[job_id] = proc  # reaped by wait_local_job: another Popen must not reap it first
+        return Submission(job_id=job_id, run_dir=str(plan.run_dir), output=str(output))
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
     result = subprocess.run(plan.argv, env=_child_env(plan), capture_output=True, text=True)
     if result.returncode != 0:
-        message = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+        message = "; ".join(" ".join(ln.split()) for ln in result.stderr.splitlines() if ln.strip())
+        message = message or f"exit code {result.returncode}"
         raise LaunchError(f"sbatch refused the job: {message}", exit_code=1)
     job_id = result.stdout.strip().split(";")[0]
     output = str(plan.output).replace("%j", job_id)
     return Submission(job_id=job_id, run_dir=str(plan.run_dir), output=output)
+
+
+class JobEnd(NamedTuple):
+    """How a batch job ended: its final state, exit code, and why we say so when it is unsure."""
+
+    state: str
+    exit_code: int
+    reason: str = ""
+
+
+#: State of a job whose end we could not observe (its exit code is then 1: never a false 0).
+UNKNOWN = "UNKNOWN"
 
 
 def _scontrol_fields(text: str) -> Dict[str, str]:
@@ -189,36 +208,107 @@ def _scontrol_fields(text: str) -> Dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
-def wait_slurm_job(job_id: str, poll: float = 0.25, max_poll: float = 2.0,
-                   sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
-    """Poll until the job reaches a final state; return (state, exit code)."""
-    scontrol = require_program("scontrol")
-    while True:
-        result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise LaunchError(f"scontrol lost job {job_id}: {' '.join(result.stderr.split())}")
-        fields = _scontrol_fields(result.stdout)
-        state = fields.get("JobState", "")
-        if state in FINAL_STATES:
-            code, _, sig = fields.get("ExitCode", "0:0").partition(":")
-            exit_code = int(code or 0)
-            if exit_code == 0 and sig and int(sig):
-                exit_code = 128 + int(sig)
-            if exit_code == 0 and state != "COMPLETED":
-                exit_code = 1
-            return state, exit_code
-        sleep(poll)
-        poll = min(poll * 1.5, max_poll)
+def _job_end(state: str, exit_field: str) -> JobEnd:
+    """scontrol's/sacct's ``ExitCode=code:signal`` as a shell reports it; a non-COMPLETED job never exits 0."""
+    code, _, sig = (exit_field or "0:0").partition(":")
+    exit_code = int(code or 0)
+    if exit_code == 0 and sig and int(sig):
+        exit_code = 128 + int(sig)
+    if exit_code == 0 and state != "COMPLETED":
+        exit_code = 1
+    return JobEnd(state, exit_code)
 
 
-def wait_local_job(job_id: str, sleep: Callable[[float], None] = time.sleep) -> tuple[str, int]:
-    """A site=local batch job is a process of ours: wait for it directly."""
-    import psutil
-
-    pid = int(job_id.split("-", 1)[1])
+def sacct_job_end(job_id: str) -> JobEnd:
+    """The job's end from accounting, for a job scontrol has purged (after MinJobAge); UNKNOWN without accounting."""
+    sacct = shutil.which("sacct")
+    forgotten = f"scontrol no longer knows job {job_id} (purged after MinJobAge)"
+    if sacct is None:
+        return JobEnd(UNKNOWN, 1, f"{forgotten} and sacct is not installed")
     try:
-        code = psutil.Process(pid).wait()
-    except psutil.NoSuchProcess:
-        return "COMPLETED", 0
-    code = _exit_code(code if code is not None else 0)
-    return ("COMPLETED" if code == 0 else "FAILED"), code
+        out = subprocess.run([sacct, "-n", "-P", "-X", "-j", job_id, "-o", "State,ExitCode"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return JobEnd(UNKNOWN, 1, f"{forgotten} and sacct failed: {exc}")
+    line = next((ln for ln in out.stdout.splitlines() if ln.strip()), "")
+    if out.returncode != 0 or "|" not in line:
+        why = " ".join(out.stderr.split()) or "no record"
+        return JobEnd(UNKNOWN, 1, f"{forgotten} and sacct has none ({why})")
+    state, _, exit_field = line.partition("|")
+    state = state.split()[0]  # "CANCELLED by 0"
+    if state not in FINAL_STATES:
+        return JobEnd(UNKNOWN, 1, f"{forgotten}; sacct says {state}")
+    return _job_end(state, exit_field.strip())
+
+
+class _ControllerUnreachable(Exception):
+    """scontrol failed for another reason than an unknown job id (slurmctld busy or restarting)."""
+
+
+def poll_slurm_job(job_id: str, scontrol: str) -> Optional[JobEnd]:
+    """The job's end, or None while it may still run."""
+    result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        message = " ".join(result.stderr.split())
+        if "invalid job id" in message.lower():
+            return sacct_job_end(job_id)
+        raise _ControllerUnreachable(message or f"scontrol exit code {result.returncode}")
+    fields = _scontrol_fields(result.stdout)
+    state = fields.get("JobState", "")
+    if state not in FINAL_STATES:
+        return None
+    end = _job_end(state, fields.get("ExitCode", "0:0"))
+    why = fields.get("Reason", "None")
+    return end._replace(reason=f"Slurm's reason: {why}") if state != "COMPLETED" and why not in ("None", "", "NonZeroExitCode") else end
+
+
+def wait_slurm_jobs(job_ids: List[str], poll: float = 0.25, max_poll: float = 2.0,
+                    sleep: Callable[[float], None] = time.sleep,
+                    on_end: Callable[[str, JobEnd], None] = lambda job_id, end: None,
+                    controller_grace: float = 300.0,
+                    clock: Callable[[], float] = time.monotonic) -> Dict[str, JobEnd]:
+    """Poll all jobs together until each has ended (one at a time would let scontrol purge the others).
+
+    A controller that does not answer is retried for ``controller_grace`` seconds,
+    then the job is UNKNOWN (it may still run: the reason says so)."""
+    scontrol = require_program("scontrol")
+    ends: Dict[str, JobEnd] = {}
+    failing_since: Dict[str, float] = {}
+    while len(ends) < len(job_ids):
+        for job_id in job_ids:
+            if job_id in ends:
+                continue
+            try:
+                end = poll_slurm_job(job_id, scontrol)
+                failing_since.pop(job_id, None)
+            except _ControllerUnreachable as exc:
+                since = failing_since.setdefault(job_id, clock())
+                end = None
+                if clock() - since >= controller_grace:
+                    end = JobEnd(UNKNOWN, 1, f"scontrol failed for {controller_grace:.0f} s ({exc}); the job may still run")
+            if end is not None:
+                ends[job_id] = end
+                on_end(job_id, end)
+        if len(ends) < len(job_ids):
+            sleep(poll)
+            poll = min(poll * 1.5, max_poll)
+    return ends
+
+
+def wait_slurm_job(job_id: str, **kwargs) -> JobEnd:
+    """Poll until the job reaches a final state."""
+    return wait_slurm_jobs([job_id], **kwargs)[job_id]
+
+
+#: site=local batch jobs started by this process, by job id: their handles, so that
+#: their exit codes are ours to collect (any later ``Popen`` reaps finished children
+#: it does not know, and a pid alone then tells nothing).
+_LOCAL_JOBS: Dict[str, subprocess.Popen] = {}
+
+def wait_local_job(job_id: str) -> JobEnd:
+    """Wait for a site=local batch job this process started."""
+    proc = _LOCAL_JOBS.pop(job_id, None)
+    if proc is None:  # not our child: nobody can tell us how it ended
+        return JobEnd(UNKNOWN, 1, f"{job_id} was not started by this process: its exit code is unknown")
+    code = _exit_code(proc.wait())
+    return JobEnd("COMPLETED" if code == 0 else "FAILED", code)
