@@ -346,13 +346,6 @@ def _dropped_option_notes(cfg, overrides: List[str]) -> List[str]:
     return dropped_option_notes(merge_extra_options(site_cfg), cfg, keys)
 
 
-def _write_script(path: Path, text: str) -> None:
-    """job.sbatch: 0644 at most (the umask may tighten it), never executable: sbatch and bash read it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
     """The Hydra task function: plan, then print (dry run) or run one job.
 
@@ -424,7 +417,7 @@ def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseExcep
         OmegaConf.save(cfg, plan.config_path, resolve=True)
         resume.record_command(run_dir, inv.command, cwd)  # what --resume reruns
         if plan.script is not None:
-            _write_script(plan.script_path, plan.script)
+            run.write_script(plan.script_path, plan.script)
 
         if plan.mode == "interactive":
             result.note = ""

@@ -322,8 +322,7 @@ def resume(req: ResumeRequest) -> int:
         run.require_program(plan.argv[0])
     OmegaConf.save(cfg, plan.config_path, resolve=True)
     if plan.script is not None:
-        plan.script_path.write_text(plan.script, encoding="utf-8")
-        plan.script_path.chmod(0o755)
+        run.write_script(plan.script_path, plan.script)
     log_event(req.run_dir, "resume", overrides=list(req.overrides), fresh=req.fresh)
     if plan.mode == "interactive":
         return run.run_interactive(plan)
@@ -332,9 +331,10 @@ def resume(req: ResumeRequest) -> int:
     print(f"{PROG}: resuming run {req.run_dir}: submitted job {sub.job_id}; output {sub.output}", flush=True)
     if req.wait:
         waiter = run.wait_local_job if plan.scheduler == "local" else run.wait_slurm_job
-        state, code = waiter(sub.job_id)
-        print(f"{PROG}: job {sub.job_id} {state}, exit code {code}", flush=True)
-        return code
+        end = waiter(sub.job_id)
+        reason = f" ({end.reason})" if end.reason else ""
+        print(f"{PROG}: job {sub.job_id} {end.state}, exit code {end.exit_code}{reason}", flush=True)
+        return end.exit_code
     return 0
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, display, parse_slurm_version
@@ -56,6 +57,13 @@ def require_program(name: str) -> str:
             "(use site=local to run on this machine)"
         )
     return path
+
+
+def write_script(path: Path, text: str) -> None:
+    """job.sbatch (new, or replaced on a resume): 0644 at most (the umask may tighten it), never executable: sbatch and bash read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def require_command(name: str) -> None:
