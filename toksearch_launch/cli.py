@@ -253,7 +253,7 @@ def _clean_dry_run(results: List[JobResult], cwd: Path) -> None:
 
 
 def _print_dry_run(plan, cfg) -> None:
-    from toksearch_launch.plan import display
+    from toksearch_launch.procutil import display
 
     for note in plan.notes:
         print(f"# note: {note}")

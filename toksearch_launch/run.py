@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, display, parse_slurm_version
+from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, parse_slurm_version
+from toksearch_launch.procutil import display, exit_status
 
 
 class LaunchError(RuntimeError):
@@ -74,11 +75,6 @@ def slurm_version() -> Optional[Version]:
                 version = None
         _slurm_version_cache["v"] = version
     return _slurm_version_cache["v"]
-
-
-def _exit_code(returncode: int) -> int:
-    """A child killed by signal N exits like a shell reports it: 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def _child_env(plan: Plan) -> Dict[str, str]:
@@ -138,7 +134,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
     }
     watch = _StderrWatch(proc.stderr) if watch_x11 else None
     try:
-        code = _exit_code(proc.wait())
+        code = exit_status(proc.wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -220,5 +216,5 @@ def wait_local_job(job_id: str, sleep: Callable[[float], None] = time.sleep) -> 
         code = psutil.Process(pid).wait()
     except psutil.NoSuchProcess:
         return "COMPLETED", 0
-    code = _exit_code(code if code is not None else 0)
+    code = exit_status(code)
     return ("COMPLETED" if code == 0 else "FAILED"), code
