@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "ray": "toksearch_launch.cluster.ray",
     "spark": "toksearch_launch.cluster.spark",
+    "dask": "toksearch_launch.cluster.dask",
 }
 
 

@@ -123,13 +123,15 @@ class Pipeline:
         return self.compute_record(shot)
 
     def compute(self, **kwargs: Any) -> ResultSet:
-        """On the job's default backend (``backend=ray|spark`` of the launcher's config;
-        Ray outside a job): ``compute_ray(**kwargs)`` or ``compute_spark(**kwargs)``."""
+        """On the job's default backend (``backend=ray|spark|dask`` of the launcher's config;
+        Ray outside a job): ``compute_ray``, ``compute_spark`` or ``compute_dask(**kwargs)``."""
         from toksearch_launch.config import default_config, load_job_config
 
         cfg = load_job_config() or default_config()
         if cfg.backend.name == "spark":
             return self.compute_spark(**kwargs)
+        if cfg.backend.name == "dask":
+            return self.compute_dask(**kwargs)
         return self.compute_ray(**kwargs)
 
     def compute_serial(self, verbose: bool = False) -> ResultSet:
@@ -208,6 +210,20 @@ class Pipeline:
             batch_size=batch_size,
             verbose=verbose,
         )
+
+    def compute_dask(
+        self,
+        client: Any = None,
+        numparts: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        verbose: bool = True,
+    ) -> ResultSet:
+        """On Dask: ``client`` (a distributed.Client) if given, else the job's cluster inside
+        toksearch_submit, the default client, or a new local cluster (closed afterwards)."""
+        from toksearch_launch.pipeline.dask_backend import compute_dask
+
+        return compute_dask(self._ops, self._items, client=client, numparts=numparts,
+                            batch_size=batch_size, verbose=verbose)
 
 
 __all__ = ["Pipeline", "RunStats"]
