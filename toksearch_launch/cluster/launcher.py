@@ -53,14 +53,14 @@ class Launcher(Protocol):
         """After the stop: what the nodes did not confirm."""
 
 
-class LocalLauncher:
-    """Daemons as processes of this machine; SIGTERM to stop, SIGKILL (by the caller) to force."""
+class _SessionLauncher:
+    """What both launchers share: each daemon is one local child, started as a session leader."""
 
     def __init__(self, plan: "ClusterPlan") -> None:
         self.plan = plan
 
     def daemons(self, role: Role) -> list[Daemon]:
-        return [_daemon(role, node, list(node.argv), dict(node.env)) for node in role.nodes]
+        raise NotImplementedError
 
     def spawn(self, role: Role, env: dict[str, str]) -> list[Daemon]:
         out = self.daemons(role)
@@ -68,11 +68,18 @@ class LocalLauncher:
             d.spawn(env)
         return out
 
-    def watch(self, daemon: Daemon) -> None:
-        pass
-
     def exit_code(self, daemon: Daemon) -> Optional[int]:
         return daemon.returncode()
+
+
+class LocalLauncher(_SessionLauncher):
+    """Daemons as processes of this machine; SIGTERM to stop, SIGKILL (by the caller) to force."""
+
+    def daemons(self, role: Role) -> list[Daemon]:
+        return [_daemon(role, node, list(node.argv), dict(node.env)) for node in role.nodes]
+
+    def watch(self, daemon: Daemon) -> None:
+        pass
 
     def signal_stop(self, daemons: list[Daemon]) -> None:
         _signal(daemons, signal.SIGTERM)
@@ -84,11 +91,8 @@ class LocalLauncher:
         return []
 
 
-class SrunLauncher:
+class SrunLauncher(_SessionLauncher):
     """One SLURM step per daemon, through the step wrapper; SIGUSR1 to stop, scancel to force."""
-
-    def __init__(self, plan: "ClusterPlan") -> None:
-        self.plan = plan
 
     def wrapper_argv(self, role: Role, node: NodeCommand) -> list[str]:
         plan = self.plan
@@ -121,18 +125,9 @@ class SrunLauncher:
     def daemons(self, role: Role) -> list[Daemon]:
         return [_daemon(role, node, self.wrapper_argv(role, node), self.node_env(node)) for node in role.nodes]
 
-    def spawn(self, role: Role, env: dict[str, str]) -> list[Daemon]:
-        out = self.daemons(role)
-        for d in out:
-            d.spawn(env)
-        return out
-
     def watch(self, daemon: Daemon) -> None:
         if daemon.step_id is None:
             read_wrapper_line(daemon)
-
-    def exit_code(self, daemon: Daemon) -> Optional[int]:
-        return daemon.returncode()
 
     def signal_stop(self, daemons: list[Daemon]) -> None:
         """SIGUSR1 to each daemon's local ``srun``, which forwards it to the step wrapper.
