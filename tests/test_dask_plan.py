@@ -35,16 +35,23 @@ def test_local_commands_pin_every_port_inside_the_block(tmp_path):
         assert sched[sched.index("--port") + 1] == "30000"
         assert sched[sched.index("--dashboard-address") + 1] == "127.0.0.2:30001"
         assert sched[sched.index("--protocol") + 1] == "tls"
-        assert w2[w2.index("--host") + 1] == "127.0.0.3" and w2[4] == "tls://127.0.0.2:30000"
         node_ports = []
         for argv, ip in ((w1, "127.0.0.2"), (w2, "127.0.0.3")):
-            assert argv[argv.index("--nworkers") + 1] == "1"
-            http_ip, http = argv[argv.index("--dashboard-address") + 1].split(":")
-            assert http_ip == ip
-            node_ports += [int(argv[argv.index("--nanny-port") + 1]), int(argv[argv.index("--worker-port") + 1]),
-                           int(http)]
-            assert argv[-2:] == ["--resources", "GPU=0"]  # user options last: they win
-        assert set(node_ports) <= block and len(set(node_ports)) == 6  # no port shared by two nodes
+            sup, worker = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+            count = int(sup[sup.index("--count") + 1])
+            assert count == plan.cpus_per_node
+            assert worker[4] == "tls://127.0.0.2:30000" and worker[worker.index("--host") + 1] == ip
+            assert worker[-2:] == ["--resources", "GPU=0"]  # user options last: they win
+            start = {k: int(sup[sup.index(f"--{k}-port") + 1]) for k in ("nanny", "worker", "http")}
+            for k in range(count):
+                proc = daskb.worker_process_argv(worker, k, "x", ip, start)
+                assert proc[-2:] == ["--resources", "GPU=0"]
+                assert proc[proc.index("--nthreads") + 1] == "1"
+                http_ip, http = proc[proc.index("--dashboard-address") + 1].split(":")
+                assert http_ip == ip
+                node_ports += [int(proc[proc.index("--nanny-port") + 1]), int(proc[proc.index("--worker-port") + 1]),
+                               int(http)]
+        assert set(node_ports) <= block and len(set(node_ports)) == len(node_ports)  # none shared
         for argv in (sched, w1, w2):
             for flag in ("--tls-ca-file", "--tls-cert", "--tls-key"):
                 assert argv[argv.index(flag) + 1] == plan.secret_file
@@ -70,6 +77,27 @@ def test_slurm_secret_reaches_each_node_through_the_wrapper(tmp_path, monkeypatc
         assert ds[2].env["_TOKSEARCH_SECRET"].startswith("-----BEGIN PRIVATE KEY-----")
         assert ds[2].env["_TOKSEARCH_SECRET_FILE"] == plan.secret_file
         assert "--check-ports" in ds[2].argv
+    finally:
+        from toksearch_launch.cluster.ports import release_block
+
+        release_block(plan.ports.base)
+
+
+def test_processes_per_node_follow_the_allocation(tmp_path, monkeypatch):
+    from toksearch_launch.cluster.resources import allocated_cpus
+
+    assert allocated_cpus({"SLURM_JOB_CPUS_PER_NODE": "4,2(x2)", "SLURM_JOB_NODELIST": "n[1-3]"}) == \
+        {"n1": 4, "n2": 2, "n3": 2}
+    assert allocated_cpus({}) == {}
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.setenv("SLURM_JOB_CPUS_PER_NODE", "3,5")
+    cfg = as_typed(OmegaConf.merge(OmegaConf.load(REPO / "conf" / "site" / "default.yaml"),
+                                   {"nodes": 2, "site": {"address": {"method": "interface", "interface": "lo"}}}))
+    plan = planmod.make_plan("dask", cfg, ["n1", "n2"], tmp_path)
+    try:
+        assert plan.hosts == ["n2", "n1"]
+        assert [daskb.processes_on(plan, i) for i in (0, 1)] == [5, 3]
     finally:
         from toksearch_launch.cluster.ports import release_block
 

@@ -43,16 +43,23 @@ from .backend import ChildProbe, NodeCommand, Role, probe_say, python_module
 from .dirs import write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
-from .resources import total_memory
+from .resources import allocated_cpus, total_memory
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
 
 NAME = "dask"
-#: One worker process per node: each worker process opens a worker port and an HTTP
-#: port (health and metrics routes, even with --no-dashboard), and the CLI can pin the
-#: HTTP port of one process only (with --nworkers N they would share one address).
-PORTS = PortLayout(head=("scheduler", "dashboard"), node=("nanny", "worker", "http"))
+#: Worker processes a node may run.  Each opens a nanny port, a worker port and an HTTP
+#: port (health and metrics routes, even with --no-dashboard); ``dask worker --nworkers N``
+#: would give all N one HTTP address, so a small per-node supervisor (``python -m
+#: toksearch_launch.cluster.dask workers``) starts N single-process workers instead.
+MAX_WORKERS_LOCAL = 8
+MAX_WORKERS_SLURM = 64
+PORTS = PortLayout(
+    head=("scheduler", "dashboard"),
+    node=(),
+    ranges=tuple((name, MAX_WORKERS_LOCAL, MAX_WORKERS_SLURM) for name in ("nanny", "worker", "http")),
+)
 CERT_DAYS = 365
 
 
@@ -84,19 +91,39 @@ def scheduler_argv(plan: "ClusterPlan") -> list[str]:
     ]
 
 
+def processes_on(plan: "ClusterPlan", index: int) -> int:
+    """Single-threaded worker processes on node ``index``: one per CPU it has for the job
+    (site=local: its share of this machine; SLURM: SLURM_JOB_CPUS_PER_NODE), at least 1.
+
+    Processes, not threads: the steps are Python (the GIL) and MdsSignal keeps one
+    connection per process, which threads of one worker would share."""
+    if plan.scheduler == "local":
+        cpus = plan.cpus_per_node or 1
+        limit = MAX_WORKERS_LOCAL
+    else:
+        cpus = 1 if plan.dry_run else allocated_cpus().get(plan.hosts[index], 1)
+        limit = MAX_WORKERS_SLURM
+    return max(1, min(int(cpus), limit))
+
+
 def worker_argv(plan: "ClusterPlan", index: int) -> list[str]:
+    """The node's supervisor, which runs ``processes_on()`` workers, each on its own ports."""
     slot, ip = plan.ports.nodes[index], plan.ip(index)
-    argv = [
-        *python_module("dask", "worker"), scheduler_address(plan), "--protocol", "tls",
-        "--host", ip, "--name", plan.hosts[index], "--nworkers", "1",
-        "--nanny-port", str(slot["nanny"]), "--worker-port", str(slot["worker"]),
-        "--dashboard-address", f"{ip}:{slot['http']}", "--no-dashboard",
+    count = processes_on(plan, index)
+    worker = [
+        *python_module("dask", "worker"), scheduler_address(plan), "--protocol", "tls", "--host", ip,
+        "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
         "--local-directory", f"{plan.node_dir(index)}/work", *_tls_flags(plan),
     ]
-    if plan.scheduler == "local":  # a share of this machine; SLURM: the node's cores and memory
-        share = max(256 << 20, total_memory() // max(1, plan.n_nodes))
-        argv += ["--nthreads", str(plan.cpus_per_node), "--memory-limit", str(share)]
-    return argv + list(map(str, plan.cfg.dask.worker.start))
+    if plan.scheduler == "local":  # a share of this machine; SLURM: the node's memory
+        share = max(256 << 20, total_memory() // max(1, plan.n_nodes) // count)
+        worker += ["--memory-limit", str(share)]
+    return [
+        *python_module("toksearch_launch.cluster.dask", "workers"), "--count", str(count),
+        "--name", plan.hosts[index], "--host", ip, "--nanny-port", str(slot["min_nanny"]),
+        "--worker-port", str(slot["min_worker"]), "--http-port", str(slot["min_http"]),
+        "--", *worker, *map(str, plan.cfg.dask.worker.start),
+    ]
 
 
 def make_pem() -> str:
@@ -174,7 +201,7 @@ class DaskBackend:
         write_private(plan.secret_file, plan.secret)
 
     def probe(self, plan: "ClusterPlan") -> ChildProbe:
-        expected = plan.n_nodes
+        expected = sum(processes_on(plan, i) for i in range(plan.n_nodes))
         argv = python_module("toksearch_launch.cluster.dask", "probe", scheduler_address(plan),
                              str(expected), plan.secret_file)
         env = {k: v for k, v in os.environ.items() if k not in self.env_to_drop}
@@ -249,8 +276,67 @@ def _probe_main(addr: str, expected: int, pem: str) -> int:
         time.sleep(0.1)
 
 
-if __name__ == "__main__":  # python -m toksearch_launch.cluster.dask probe ADDRESS N PEM
+# ------------------------------------------------------------------ per-node supervisor
+
+
+def worker_process_argv(worker: list[str], k: int, name: str, host: str, ports: dict[str, int]) -> list[str]:
+    """Worker process ``k`` of a node: its own name and ports, put right after ``dask worker
+    SCHEDULER`` so that the user's options (last in ``worker``) still win."""
+    at = worker.index("worker") + 2
+    return [
+        *worker[:at], "--name", f"{name}-{k}", "--nanny-port", str(ports["nanny"] + k),
+        "--worker-port", str(ports["worker"] + k), "--dashboard-address", f"{host}:{ports['http'] + k}",
+        *worker[at:],
+    ]
+
+
+def _workers_main(argv: list[str]) -> int:
+    """Run COUNT single-process Dask workers on this node; stop them all on SIGTERM/SIGINT/SIGHUP.
+
+    Every child stays in this process's session, so the lifecycle's (or the step
+    wrapper's) session teardown finds them; the first to exit ends the others.
+    """
+    import argparse
+    import signal
+    import subprocess
+
+    from ..procutil import exit_status
+
+    split = argv.index("--")
+    ap = argparse.ArgumentParser(prog="toksearch_launch.cluster.dask workers")
+    for opt in ("--count", "--nanny-port", "--worker-port", "--http-port"):
+        ap.add_argument(opt, type=int, required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--host", required=True)
+    args = ap.parse_args(argv[:split])
+    ports = {"nanny": args.nanny_port, "worker": args.worker_port, "http": args.http_port}
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
+        stop["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    children = [subprocess.Popen(worker_process_argv(argv[split + 1:], k, args.name, args.host, ports),
+                                 stdin=subprocess.DEVNULL) for k in range(args.count)]
+    while not stop["signal"] and all(c.poll() is None for c in children):
+        time.sleep(0.1)
+    first = next((c.returncode for c in children if c.returncode is not None), None)
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+    for c in children:
+        c.wait()
+    return 0 if stop["signal"] else exit_status(first)
+
+
+if __name__ == "__main__":
+    # python -m toksearch_launch.cluster.dask probe ADDRESS N PEM
+    # python -m toksearch_launch.cluster.dask workers --count N ... -- DASK_WORKER_ARGV
     if len(sys.argv) == 5 and sys.argv[1] == "probe":
         sys.exit(_probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
-    print("usage: python -m toksearch_launch.cluster.dask probe ADDRESS N PEM", file=sys.stderr)
+    if len(sys.argv) > 2 and sys.argv[1] == "workers" and "--" in sys.argv:
+        sys.exit(_workers_main(sys.argv[2:]))
+    print("usage: python -m toksearch_launch.cluster.dask probe ADDRESS N PEM | workers ... -- ARGV",
+          file=sys.stderr)
     sys.exit(2)

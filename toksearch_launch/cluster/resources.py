@@ -53,3 +53,23 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
 
 def gigabytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
+
+
+def allocated_cpus(env: Optional[dict] = None) -> dict[str, int]:
+    """CPUs SLURM gave each node of the job: ``SLURM_JOB_CPUS_PER_NODE`` ("4,2(x3)") matched to
+    ``SLURM_JOB_NODELIST`` in allocation order; empty outside an allocation."""
+    env = os.environ if env is None else env
+    counts_text = env.get("SLURM_JOB_CPUS_PER_NODE", "")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not counts_text or not nodelist:
+        return {}
+    counts: list[int] = []
+    for part in counts_text.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return {}
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    from .placement import expand_nodelist
+
+    hosts = expand_nodelist(nodelist)
+    return dict(zip(hosts, counts)) if len(hosts) == len(counts) else {}
