@@ -151,17 +151,24 @@ class ChildProbe:
     watching its daemons; it can be killed at any time.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], expected: int, unit: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], expected: int, unit: str,
+                 log_path: Optional[Path] = None) -> None:
         self.expected = expected
         self.unit = unit
         self.head_up = False
         self._alive: list[dict] = []
         self.error: Optional[str] = None
         self._q: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, start_new_session=True, text=True,
-        )
+        # its stderr goes to the run dir's logs (a probe that cannot even start says why there)
+        err = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                env=env, start_new_session=True, text=True,
+            )
+        finally:
+            if log_path is not None:
+                err.close()  # type: ignore[union-attr]
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

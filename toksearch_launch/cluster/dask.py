@@ -205,7 +205,8 @@ class DaskBackend:
         argv = python_module("toksearch_launch.cluster.dask", "probe", scheduler_address(plan),
                              str(expected), plan.secret_file)
         env = {k: v for k, v in os.environ.items() if k not in self.env_to_drop}
-        return ChildProbe(argv, env, expected=expected, unit="workers")
+        return ChildProbe(argv, env, expected=expected, unit="workers",
+                          log_path=plan.log_path("dask-probe", plan.hosts[0]))
 
     def address(self, plan: "ClusterPlan") -> str:
         return scheduler_address(plan)

@@ -167,7 +167,7 @@ class RayBackend:
         env.pop("RAY_AUTH_TOKEN", None)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=plan.secret_file)
         argv = python_module("toksearch_launch.cluster.ray", "probe", address(plan), str(plan.n_nodes))
-        return ChildProbe(argv, env, expected=plan.n_nodes, unit="nodes")
+        return ChildProbe(argv, env, expected=plan.n_nodes, unit="nodes", log_path=plan.log_path("ray-probe", plan.hosts[0]))
 
     def address(self, plan: "ClusterPlan") -> str:
         return address(plan)
