@@ -29,8 +29,10 @@ from tempfile import mkdtemp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toksearch_launch.cluster import Cluster, default_local_config  # noqa: E402
-from toksearch_launch.cluster import lifecycle, procs  # noqa: E402
-from toksearch_launch.cluster.plan import make_root, write_private  # noqa: E402
+from toksearch_launch.cluster import get_backend, procs  # noqa: E402
+from toksearch_launch.cluster.dirs import make_root, write_private  # noqa: E402
+from toksearch_launch.cluster.launcher import daemons_of  # noqa: E402
+from toksearch_launch.cluster.plan import make_plan  # noqa: E402
 from toksearch_launch.cluster.ports import release_block  # noqa: E402
 
 
@@ -45,15 +47,14 @@ def ours(backend: str, cfg, run_dir: Path) -> tuple[float, float]:
 
 
 def _bare_plan(backend: str, cfg, run_dir: Path):
-    plan = lifecycle.make_plan(backend, cfg, [f"local{k}" for k in range(1, cfg.nodes + 1)], run_dir)
+    plan = make_plan(backend, cfg, [f"local{k}" for k in range(1, cfg.nodes + 1)], run_dir)
     make_root(plan.root)
     for i in range(plan.n_nodes):
         os.makedirs(plan.node_dir(i), exist_ok=True)
     os.makedirs(plan.master_dir, exist_ok=True)
     if backend == "ray":
         write_private(plan.secret_file, plan.secret)
-    mod = lifecycle._backend_module(backend)
-    return plan, mod.daemons(plan)
+    return plan, daemons_of(plan)
 
 
 def _ray_ready(addr: str, n: int, deadline: float, on_head=None) -> None:
@@ -125,7 +126,7 @@ def floor(backend: str, cfg, run_dir: Path) -> tuple[float, float]:
         ready = time.monotonic() - t
     finally:
         t = time.monotonic()
-        left = procs.terminate(daemons, markers=[plan.root], head_last=backend == "ray")
+        left = procs.terminate(daemons, markers=[plan.root], head_last=get_backend(backend).head_last)
         stop = time.monotonic() - t
         import shutil
 
@@ -158,7 +159,7 @@ def fixed_sleep(backend: str, cfg, run_dir: Path, pause: float) -> tuple[float, 
         except TimeoutError:
             up = False
     finally:
-        procs.terminate(daemons, markers=[plan.root], head_last=backend == "ray")
+        procs.terminate(daemons, markers=[plan.root], head_last=get_backend(backend).head_last)
         import shutil
 
         shutil.rmtree(plan.root, ignore_errors=True)

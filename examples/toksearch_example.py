@@ -6,6 +6,7 @@ runs without an MDSplus server:
 
     python examples/toksearch_example.py --source synthetic ray
     python examples/toksearch_example.py --source file spark      # HDF5 demo archive
+    python examples/toksearch_example.py --source synthetic dask
     toksearch_submit site=local nodes=2 python examples/toksearch_example.py --source synthetic -- ray
 
 ``--source``: ``mds`` (TokSearch's, needs a server), ``file`` (FileSignal on a
@@ -19,6 +20,7 @@ Exit status 1 if every record failed (e.g. ``--source mds`` with no server).
 
 import argparse
 import getpass
+import json
 import os
 import sys
 import tempfile
@@ -27,7 +29,7 @@ import numpy as np
 
 from toksearch_launch import MdsSignal, Pipeline
 
-BACKENDS = ("ray", "spark", "serial", "multiprocessing")
+BACKENDS = ("ray", "spark", "dask", "serial", "multiprocessing")
 
 
 def create_pipeline(shots, ipmhd_signal=None):
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--first-shot", type=int, default=165920)
     parser.add_argument("--latency", type=float, default=0.0,
                         help="seconds slept per fetch by --source synthetic (imitates a server)")
+    parser.add_argument("--output", default=None, help="write [shot, max_ipmhd, error names] per record as JSON")
     args = parser.parse_args(argv)
 
     backend = args.backend
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
         results = pipeline.compute_ray()
     elif backend == "spark":
         results = pipeline.compute_spark()
+    elif backend == "dask":
+        results = pipeline.compute_dask()
     elif backend == "multiprocessing":
         results = pipeline.compute_multiprocessing()
     else:
@@ -95,7 +100,10 @@ def main(argv=None) -> int:
     print(f"Got {len(results)} results using {backend}")
     failed = [rec for rec in results if rec.errors]
     print(f"Records with errors: {len(failed)}")
-    if backend in ("ray", "spark"):
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump([[rec.shot, rec.get("max_ipmhd"), sorted(rec.errors)] for rec in results], fh)
+    if backend in ("ray", "spark", "dask"):
         print(f"Cluster nodes: {','.join(results.nodes)}")
     if results and len(failed) == len(results):
         name, err = next(iter(failed[0].errors.items()))

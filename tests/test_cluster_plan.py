@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from toksearch_launch.cluster import ClusterError, default_local_config, job_cluster, plan_commands
-from toksearch_launch.cluster import lifecycle, placement, plan as planmod, ports, procs
+from toksearch_launch.cluster import auth, dirs, launcher, placement, plan as planmod, ports, procs
+from toksearch_launch.cluster import preflight as preflightmod, ray as rayb
 from toksearch_launch.config import as_typed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_local_port_blocks_distinct_per_node(backend):
 def test_slurm_port_block_shared_by_nodes():
     plan = ports.plan_ports("ray", 50, 20000, shared_host=False)
     assert plan.nodes[0] == plan.nodes[49]
-    assert plan.size == 10 + 6 + ports.RAY_WORKER_PORTS_SLURM
+    assert plan.size == 10 + 6 + rayb.WORKER_PORTS_SLURM
     names = set(plan.head) | set(plan.nodes[0])
     assert {"gcs", "client_server", "dashboard", "autoscaler_metrics", "dashboard_metrics",
             "node_manager", "object_manager", "agent_http", "agent_grpc", "metrics",
@@ -175,28 +176,25 @@ def test_auto_block_skips_busy_ports():
 
 
 def test_compress_expand_ports():
-    assert planmod.compress_ports([5, 1, 2, 3, 7, 8]) == "1-3,5,7-8"
-    assert planmod.expand_ports("1-3,5,7-8") == [1, 2, 3, 5, 7, 8]
+    assert ports.compress_ports([5, 1, 2, 3, 7, 8]) == "1-3,5,7-8"
+    assert ports.expand_ports("1-3,5,7-8") == [1, 2, 3, 5, 7, 8]
 
 
 # ------------------------------------------------------------------ commands
 
 
 def _plan(backend, cfg, hosts, tmp_path, monkeypatch, env=None):
-    monkeypatch.setattr(planmod, "job_secret", lambda kind: "S3CRET-" + kind)
-    monkeypatch.setattr(lifecycle, "job_secret", lambda kind: "S3CRET-" + kind)
+    monkeypatch.setattr(planmod, "job_secret", lambda kind, make=None: "S3CRET-" + kind)
     if env:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-    return lifecycle.make_plan(backend, cfg, hosts, tmp_path)
+    return planmod.make_plan(backend, cfg, hosts, tmp_path)
 
 
 def test_ray_commands_local(tmp_path, monkeypatch):
     cfg = default_local_config(nodes=3, ray={"worker": {"start": ["--resources", "{}"]}})
     plan = _plan("ray", cfg, ["local1", "local2", "local3"], tmp_path, monkeypatch)
-    from toksearch_launch.cluster import ray as rayb
-
-    ds = rayb.daemons(plan)
+    ds = launcher.daemons_of(plan)
     assert [d.role for d in ds] == ["ray-head", "ray-worker", "ray-worker"]
     head, w1 = ds[0].argv, ds[1].argv
     assert head[0] == str(Path(sys.executable).with_name("ray"))
@@ -220,7 +218,7 @@ def test_ray_commands_local(tmp_path, monkeypatch):
     assert ds[1].log_path == tmp_path / "logs" / "ray-worker-local2.log"
     every = " ".join(" ".join(d.argv) + " ".join(d.env.values()) for d in ds)
     assert "S3CRET" not in every  # local: the token only in the 0600 file
-    assert len(plan.root) <= planmod.MAX_TMP_DIR
+    assert len(plan.root) <= dirs.MAX_TMP_DIR
 
 
 def test_spark_commands_slurm(tmp_path, monkeypatch):
@@ -228,9 +226,7 @@ def test_spark_commands_slurm(tmp_path, monkeypatch):
     hosts_file.write_text("10.1.0.1 n1-ib\n10.1.0.2 n2-ib\n10.1.0.10 n10-ib\n")
     cfg = site_cfg("saga", nodes=2, site={"address": {"hosts_file": str(hosts_file)}})
     plan = _plan("spark", cfg, ["n1", "n10"], tmp_path, monkeypatch, env={"SLURMD_NODENAME": "n10"})
-    from toksearch_launch.cluster import spark as sparkb
-
-    ds = sparkb.daemons(plan)
+    ds = launcher.daemons_of(plan)
     assert [(d.role, d.host) for d in ds] == [("spark-master", "n10"), ("spark-worker", "n10"),
                                              ("spark-worker", "n1")]
     m = ds[0].argv
@@ -244,7 +240,7 @@ def test_spark_commands_slurm(tmp_path, monkeypatch):
     wt = w[w.index("--") + 1:]
     assert wt[1:4] == ["org.apache.spark.deploy.worker.Worker", "--host", "10.1.0.1"]
     assert wt[-5:] == ["-c", "48", "-m", "149G", f"spark://10.1.0.10:{plan.ports.head['master']}"]
-    assert "--spark" in w and "--check-ports" in w and ["--ip", "10.1.0.1"] == w[w.index("--ip"):w.index("--ip") + 2]
+    assert w[w.index("--ip-env") + 1] == "SPARK_LOCAL_IP" and "--check-ports" in w and ["--ip", "10.1.0.1"] == w[w.index("--ip"):w.index("--ip") + 2]
     # the master and the worker on n10 never share a dir (each wrapper removes its own)
     assert ds[0].argv[ds[0].argv.index("--dir") + 1] != ds[1].argv[ds[1].argv.index("--dir") + 1]
     assert "-Dspark.master.rest.enabled=false" in ds[0].env["SPARK_MASTER_OPTS"]
@@ -258,15 +254,13 @@ def test_spark_commands_slurm(tmp_path, monkeypatch):
 def test_interface_rule_resolved_by_node_wrapper(tmp_path, monkeypatch):
     cfg = site_cfg("default", nodes=2, site={"address": {"method": "interface", "interface": "lo"}})
     plan = _plan("ray", cfg, ["n1", "n2"], tmp_path, monkeypatch, env={"SLURMD_NODENAME": "n1"})
-    from toksearch_launch.cluster import ray as rayb
-
-    head, worker = rayb.daemons(plan)
+    head, worker = launcher.daemons_of(plan)
     assert "--ip" in head.argv and head.argv[head.argv.index("--ip") + 1] == "127.0.0.1"
     assert worker.argv[worker.argv.index("--interface") + 1] == "lo"
     tail = worker.argv[worker.argv.index("--") + 1:]
     assert tail[tail.index("--node-ip-address") + 1] == placement.NODE_IP
-    assert worker.env[planmod.SECRET_VALUE_ENV] == "S3CRET-ray"  # the wrapper writes it to a 0600 file
-    assert worker.env[planmod.SECRET_FILE_ENV] == plan.secret_file
+    assert worker.env[auth.SECRET_VALUE_ENV] == "S3CRET-ray"  # the wrapper writes it to a 0600 file
+    assert worker.env[auth.SECRET_FILE_ENV] == plan.secret_file
 
 
 # ------------------------------------------------------------------ redaction & dry run
@@ -324,46 +318,46 @@ def test_preflight_long_tmp_dir(tmp_path, monkeypatch):
     cfg = default_local_config(nodes=2, site={"tmp_base": str(base)})
     plan = _plan("ray", cfg, ["local1", "local2"], tmp_path, monkeypatch)
     with pytest.raises(ClusterError, match="Unix sockets"):
-        lifecycle.preflight("ray", cfg, plan)
+        preflightmod.preflight("ray", cfg, plan)
 
 
 def test_preflight_object_store_larger_than_shm(tmp_path, monkeypatch):
     cfg = default_local_config(nodes=2, ray={"worker": {"start": ["--object-store-memory=9e15"]}})
     plan = _plan("ray", cfg, ["local1", "local2"], tmp_path, monkeypatch)
     with pytest.raises(ClusterError, match="/dev/shm"):
-        lifecycle.preflight("ray", cfg, plan)
+        preflightmod.preflight("ray", cfg, plan)
     cfg = site_cfg("saga", nodes=2)
     plan.scheduler = "slurm"
-    monkeypatch.setattr(lifecycle, "shm_bytes", lambda: 10 ** 9)
+    monkeypatch.setattr(rayb, "shm_bytes", lambda: 10 ** 9)
     with pytest.raises(ClusterError, match="ray.master.start .*larger than /dev/shm"):
-        lifecycle.preflight("ray", cfg, plan)
+        preflightmod.preflight("ray", cfg, plan)
 
 
 def test_preflight_java_and_packages_missing(monkeypatch):
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ClusterError, match="Java is missing"):
-        lifecycle.preflight("spark", default_local_config())
+        preflightmod.preflight("spark", default_local_config())
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ray", "pyspark") else real(name, *a))
     with pytest.raises(ClusterError, match="Ray is not installed"):
-        lifecycle.preflight("ray", default_local_config())
+        preflightmod.preflight("ray", default_local_config())
     with pytest.raises(ClusterError, match="PySpark is not installed"):
-        lifecycle.preflight("spark", default_local_config())
+        preflightmod.preflight("spark", default_local_config())
 
 
 def test_job_cluster_outside_a_job(monkeypatch):
     monkeypatch.delenv("TOKSEARCH_CONFIG", raising=False)
     assert job_cluster("ray") is None
     with pytest.raises(ClusterError, match="unknown cluster backend"):
-        job_cluster("dask")
+        job_cluster("nosuch")
 
 
 def test_job_cluster_inside_a_daemon_is_none(monkeypatch, tmp_path):
     monkeypatch.setenv("TOKSEARCH_CONFIG", str(tmp_path / "toksearch.yaml"))
-    monkeypatch.setenv(planmod.DAEMON_ENV, "ray")
+    monkeypatch.setenv(auth.DAEMON_ENV, "ray")
     assert job_cluster("ray") is None
 
 
@@ -381,7 +375,7 @@ def test_node_wrapper_stops_session_and_removes_dir(tmp_path):
     root = tmp_path / "tsl-test"
     ndir = root / "r1"
     secret_file = str(root / "ray-secret")
-    env = dict(os.environ, **{planmod.SECRET_VALUE_ENV: "s3", planmod.SECRET_FILE_ENV: secret_file})
+    env = dict(os.environ, **{auth.SECRET_VALUE_ENV: "s3", auth.SECRET_FILE_ENV: secret_file})
     p = subprocess.Popen(
         [sys.executable, "-m", "toksearch_launch.cluster.node", "--root", str(root), "--dir", str(ndir),
          "--ip", "127.0.0.9", "--", sys.executable, "-c", _SPAWNER],

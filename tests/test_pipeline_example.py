@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -26,6 +27,20 @@ def errors_line(out: str) -> int:
     return int(match.group(1))
 
 
+def example_values(args, tmp_path: Path, name: str) -> list:
+    """Run the example with --output; its records as [shot, max_ipmhd, error names]."""
+    out = tmp_path / f"{name}.json"
+    proc = run_example([*args, "--output", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def serial_10k(tmp_path_factory) -> list:
+    """compute_serial's records for the example's 10,000 synthetic shots: the reference."""
+    return example_values(["--source", "synthetic", "serial"], tmp_path_factory.mktemp("serial"), "serial")
+
+
 def test_serial_synthetic(tmp_path: Path):
     proc = run_example(["--source", "synthetic", "--count", "300", "serial"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -36,12 +51,17 @@ def test_serial_synthetic(tmp_path: Path):
 
 def test_file_source_writes_then_reuses_the_archive(tmp_path: Path):
     archive = tmp_path / "demo.h5"
+    out = tmp_path / "multiprocessing.json"
     for _ in range(2):
-        proc = run_example(["--source", "file", "--archive", str(archive), "--count", "500", "multiprocessing"], tmp_path)
+        proc = run_example(["--source", "file", "--archive", str(archive), "--count", "500", "multiprocessing",
+                            "--output", str(out)], tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert "Got 500 results using multiprocessing" in proc.stdout
         assert errors_line(proc.stdout) == 0
     assert archive.exists()
+    serial = example_values(["--source", "file", "--archive", str(archive), "--count", "500", "serial"],
+                            tmp_path, "serial")
+    assert json.loads(out.read_text()) == serial
 
 
 def test_every_record_failing_exits_nonzero(tmp_path: Path):
@@ -54,10 +74,12 @@ def test_every_record_failing_exits_nonzero(tmp_path: Path):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("backend", ["ray", "spark"])
-def test_ten_thousand_shots_on_a_local_cluster(tmp_path: Path, backend: str):
-    proc = run_example(["--source", "synthetic", backend], tmp_path)
+@pytest.mark.parametrize("backend", ["ray", "spark", "dask"])
+def test_ten_thousand_shots_on_a_local_cluster(tmp_path: Path, backend: str, serial_10k: list):
+    out = tmp_path / "records.json"
+    proc = run_example(["--source", "synthetic", backend, "--output", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(out.read_text()) == serial_10k  # same records, same values, same order
     assert f"Got 10000 results using {backend}" in proc.stdout
     assert errors_line(proc.stdout) == 0
     assert re.search(r"^Cluster nodes: \S+$", proc.stdout, re.M), proc.stdout

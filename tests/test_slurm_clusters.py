@@ -7,6 +7,7 @@ users configure it; every node reaches it over its own network namespace.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -39,6 +40,19 @@ def mds_env():
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def serial_records(mds_env, tmp_path_factory) -> list:
+    """compute_serial's records of the example (same mdsip server), run outside SLURM: the reference."""
+    out = tmp_path_factory.mktemp("serial") / "serial.json"
+    env = {**os.environ, **mds_env}
+    env.pop("TOKSEARCH_CONFIG", None)
+    subprocess.run([*EXAMPLE, "--output", str(out), "serial"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    records = json.loads(out.read_text())
+    assert len(records) == 10000 and not any(errors for _, _, errors in records)
+    return records
+
+
 def assert_nothing_left(timeout: float = 15.0) -> None:
     """No process of any job remains on any node (seen in the nodes' namespaces, not via SLURM)."""
     def clean():
@@ -62,31 +76,42 @@ def sorted_addresses(value: str) -> str:
     return ",".join(sorted(value.split(","), key=lambda a: tuple(int(x) for x in a.split("."))))
 
 
-@pytest.mark.parametrize("backend", ["ray", "spark"])
-def test_interactive_example_on_three_nodes(tmp_path, mds_env, backend):
+DAEMON_LOGS = {
+    "ray": ["ray-head-tsn1.log", "ray-worker-tsn2.log", "ray-worker-tsn3.log"],
+    "spark": ["spark-master-tsn1.log", "spark-worker-tsn1.log", "spark-worker-tsn2.log", "spark-worker-tsn3.log"],
+    "dask": ["dask-scheduler-tsn1.log", "dask-worker-tsn1.log", "dask-worker-tsn2.log", "dask-worker-tsn3.log"],
+}
+
+
+@pytest.mark.parametrize("backend", ["ray", "spark", "dask"])
+def test_interactive_example_on_three_nodes(tmp_path, mds_env, serial_records, backend):
     start = time.monotonic()
-    result = run_cli([*TEST_SITE, "nodes=3", *EXAMPLE, "--", backend], tmp_path, env=mds_env, timeout=400)
+    records = tmp_path / "records.json"
+    result = run_cli([*TEST_SITE, "nodes=3", *EXAMPLE, "--output", str(records), "--", backend], tmp_path,
+                     env=mds_env, timeout=400)
     elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stdout + result.stderr
     lines = example_lines(result.stdout)
     assert lines["Got"] == f"Got 10000 results using {backend}"
     assert lines["Records with errors"] == "0"
     assert sorted_addresses(lines["Cluster nodes"]) == NODE_ADDRESSES
+    assert json.loads(records.read_text()) == serial_records  # same values as compute_serial
     logs = {p.name for p in tmp_path.rglob("logs/*.log")}
-    daemons = ["ray-head-tsn1.log", "ray-worker-tsn2.log", "ray-worker-tsn3.log"] if backend == "ray" else \
-        ["spark-master-tsn1.log", "spark-worker-tsn1.log", "spark-worker-tsn2.log", "spark-worker-tsn3.log"]
+    daemons = DAEMON_LOGS[backend]
     assert set(daemons) <= logs, logs  # one log per daemon, named by node
     assert_nothing_left()
     print(f"{backend}: interactive 3-node example {elapsed:.1f}s")
 
 
-def test_batch_example_waits_and_writes_output(tmp_path, mds_env):
-    result = run_cli([*TEST_SITE, "mode=batch", "nodes=3", "--wait", *EXAMPLE, "--", "ray"], tmp_path,
-                     env=mds_env, timeout=400)
+def test_batch_example_waits_and_writes_output(tmp_path, mds_env, serial_records):
+    records = tmp_path / "records.json"
+    result = run_cli([*TEST_SITE, "mode=batch", "nodes=3", "--wait", *EXAMPLE, "--output", str(records),
+                      "--", "ray"], tmp_path, env=mds_env, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = job_id_from(result.stdout)
     [out] = list(tmp_path.rglob(f"slurm-{job_id}.out"))
     assert "Got 10000 results using ray" in out.read_text()
+    assert json.loads(records.read_text()) == serial_records
     ran = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True).stdout
     assert ran == (out.parent / "job.sbatch").read_text()
     assert_nothing_left()
@@ -107,7 +132,7 @@ def test_multirun_each_job_has_its_own_cluster_size(tmp_path, mds_env):
         assert len(nodes) == n, text
 
 
-@pytest.mark.parametrize("backend", ["ray", "spark"])
+@pytest.mark.parametrize("backend", ["ray", "spark", "dask"])
 def test_scancel_leaves_nothing_running(tmp_path, backend):
     result = run_cli([*TEST_SITE, "-b", "nodes=3", sys.executable, str(ROOT / "tests" / "cluster_job.py"), backend],
                      tmp_path)
@@ -174,7 +199,7 @@ def test_default_site_example_no_overrides(tmp_path, mds_env):
     assert_nothing_left()
 
 
-@pytest.mark.parametrize("backend", ["ray", "spark"])
+@pytest.mark.parametrize("backend", ["ray", "spark", "dask"])
 def test_site_local_same_example_for_comparison(tmp_path, backend):
     start = time.monotonic()
     result = run_cli(["site=local", "nodes=3", *EXAMPLE, "--source", "synthetic", "--", backend], tmp_path, timeout=400)

@@ -302,7 +302,7 @@ def shown_override(override: str) -> str:
 
 
 def _print_dry_run(plan, cfg) -> None:
-    from toksearch_launch.plan import display
+    from toksearch_launch.procutil import display
 
     for note in plan.notes:
         print(f"# note: {note}")

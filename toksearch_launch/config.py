@@ -49,6 +49,12 @@ class DaemonOptions:
     worker: StepOptions = field(default_factory=StepOptions)
 
 
+def _dask_daemons() -> DaemonOptions:
+    """Dask has no entry in the site profiles: its steps get ``--overlap`` here (without it a
+    daemon step waits forever beside the job's main step)."""
+    return DaemonOptions(StepOptions(srun=["--overlap"]), StepOptions(srun=["--overlap"]))
+
+
 @dataclass
 class InteractiveOptions:
     """`salloc ... srun ... COMMAND`: options for the allocation and for the step that runs COMMAND."""
@@ -172,6 +178,7 @@ class ToksearchConfig:
     batch: BatchOptions = field(default_factory=BatchOptions)
     ray: DaemonOptions = field(default_factory=DaemonOptions)
     spark: DaemonOptions = field(default_factory=DaemonOptions)
+    dask: DaemonOptions = field(default_factory=_dask_daemons)  # master = the scheduler
     site: SiteOptions = field(default_factory=SiteOptions)
     backend: BackendOptions = field(default_factory=BackendOptions)
 
@@ -180,7 +187,7 @@ MODES = ("interactive", "batch")
 SCHEDULERS = ("slurm", "local")
 ADDRESS_METHODS = ("dns", "suffix", "interface", "loopback")
 PORT_POLICIES = ("auto", "fixed")
-BACKENDS = ("ray", "spark")
+BACKENDS = ("ray", "spark", "dask")
 BACKEND_STARTS = ("lazy", "eager")
 SQL_DRIVERS = ("pymssql", "psycopg", "sqlite3")
 

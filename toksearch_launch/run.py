@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
-from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, display, parse_slurm_version
+from toksearch_launch.plan import LOCAL_BATCH_OUTPUT, Plan, Version, parse_slurm_version
+from toksearch_launch.procutil import display, exit_status
 
 
 class LaunchError(RuntimeError):
@@ -90,11 +91,6 @@ def slurm_version() -> Optional[Version]:
     return _slurm_version_cache["v"]
 
 
-def _exit_code(returncode: int) -> int:
-    """A child killed by signal N exits like a shell reports it: 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def _child_env(plan: Plan) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(plan.env)
@@ -152,7 +148,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
     }
     watch = _StderrWatch(proc.stderr) if watch_x11 else None
     try:
-        code = _exit_code(proc.wait())
+        code = exit_status(proc.wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -318,5 +314,5 @@ def wait_local_job(job_id: str) -> JobEnd:
     proc = _LOCAL_JOBS.pop(job_id, None)
     if proc is None:  # not our child: nobody can tell us how it ended
         return JobEnd(UNKNOWN, 1, f"{job_id} was not started by this process: its exit code is unknown")
-    code = _exit_code(proc.wait())
+    code = exit_status(proc.wait())
     return JobEnd("COMPLETED" if code == 0 else "FAILED", code)

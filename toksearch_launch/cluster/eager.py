@@ -4,10 +4,11 @@
 
 The launcher wraps COMMAND this way for ``backend.start=eager``.  COMMAND runs
 as a child with :meth:`Cluster.client_env` added (``RAY_ADDRESS`` + token path,
-or ``SPARK_MASTER_URL`` + ``SPARK_CONF_DIR`` holding ``spark.master``), so any
-Ray or PySpark program uses the cluster with a plain ``ray.init()`` /
-``SparkSession.builder.getOrCreate()``; TokSearch's ``job_cluster()`` attaches
-to it.  SIGTERM/SIGINT/SIGHUP are forwarded to COMMAND; the cluster is stopped
+``SPARK_MASTER_URL`` + ``SPARK_CONF_DIR`` holding ``spark.master``, or
+``DASK_SCHEDULER_ADDRESS`` + the ``DASK_DISTRIBUTED__COMM__TLS__*`` file paths),
+so any Ray, PySpark or Dask program uses the cluster with a plain
+``ray.init()`` / ``SparkSession.builder.getOrCreate()`` / ``Client()``;
+TokSearch's ``job_cluster()`` attaches to it.  SIGTERM/SIGINT/SIGHUP are forwarded to COMMAND; the cluster is stopped
 after COMMAND ends (or at once, if the signal comes while it is starting).
 Exit status: COMMAND's (128+N if it died of signal N); 1 if the cluster could
 not start (the reason on stderr).
@@ -22,8 +23,11 @@ import subprocess
 import sys
 from typing import Optional
 
+from ..procutil import exit_status
+from .backend import backend_names
 from .errors import ClusterError
-from .lifecycle import Cluster, default_local_config
+from .lifecycle import Cluster
+from .site import default_local_config
 
 EXIT_CLUSTER_FAILED = 1
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -32,12 +36,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        print("usage: python -m toksearch_launch.cluster.eager --backend {ray,spark} -- COMMAND [ARGS...]",
-              file=sys.stderr)
+        print(f"usage: python -m toksearch_launch.cluster.eager --backend {{{','.join(backend_names())}}}"
+              " -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     split = argv.index("--")
     ap = argparse.ArgumentParser(prog="toksearch_launch.cluster.eager")
-    ap.add_argument("--backend", required=True, choices=("ray", "spark"))
+    ap.add_argument("--backend", required=True, choices=backend_names())
     ap.add_argument("--run-dir", default=None)
     args = ap.parse_args(argv[:split])
     command = argv[split + 1 :]
@@ -92,8 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except OSError as exc:
             print(f"toksearch: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127
-        rc = state["child"].wait()
-        return rc if rc >= 0 else 128 - rc
+        return exit_status(state["child"].wait())
     finally:
         cluster.stop()
         for sig, handler in previous.items():

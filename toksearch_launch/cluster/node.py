@@ -1,7 +1,7 @@
 """Step wrapper: runs one cluster daemon on a SLURM node and owns its teardown there.
 
     srun --nodes=1 --ntasks=1 -w NODE ... python -m toksearch_launch.cluster.node \\
-        --root /tmp/tsl-ab12cd --dir /tmp/tsl-ab12cd/r2 [--ip IP | --interface IF] [--spark] \\
+        --root /tmp/tsl-ab12cd --dir /tmp/tsl-ab12cd/r2 [--ip IP | --interface IF] [--ip-env VAR] \\
         [--check-ports 20010-20015,...] -- ray start ... --block
 
 On the node it: resolves the node's address when only the node knows it
@@ -10,9 +10,10 @@ dir, writes the secret file (0600) from the environment, checks the daemon's
 ports are free on this node (exit 75 with a clear message if not), prints one
 line ``toksearch-node: host=... address=... step=JOB.STEP`` and starts the
 daemon as its own session.  On SIGUSR1 (the launcher signals its local srun,
-which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it SIGTERMs the
-daemon's session leader, SIGKILLs what is left in that session after a grace period, removes
-the temp dir, and reports whether anything remained.
+which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
+daemon's session with the package's one TERM -> grace -> KILL routine
+(:func:`~.procs.terminate`), removes the temp dir, and reports whether
+anything remained.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import sys
 import time
 from typing import Optional
 
+from ..procutil import exit_status
+from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
+from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
-from .plan import SECRET_FILE_ENV, SECRET_VALUE_ENV, expand_ports, write_private
-from .ports import busy_ports
-from .procs import ENV_MARK, members
+from .ports import busy_ports, expand_ports
+from .procs import ENV_MARK, Session, terminate
 
 EXIT_PORTS_BUSY = 75
 PREFIX = "toksearch-node:"
@@ -51,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dir", required=True)
     ap.add_argument("--ip")
     ap.add_argument("--interface")
-    ap.add_argument("--spark", action="store_true")
+    ap.add_argument("--ip-env", default=None, help="env var set to the node's address (e.g. SPARK_LOCAL_IP)")
     ap.add_argument("--check-ports", default="")
     # short: a Ray worker whose head is gone ignores SIGTERM for a minute, and scancel
     # SIGKILLs the whole step after KillWait (30 s by default, 5 s on our CI cluster)
@@ -77,12 +80,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = [a.replace(NODE_IP, ip) for a in cmd]
     env = dict(os.environ)
     env[ENV_MARK] = args.dir  # teardown finds this daemon's processes by it, on this node only
-    if args.spark and ip:
-        env["SPARK_LOCAL_IP"] = ip
+    if args.ip_env and ip:
+        env[args.ip_env] = ip
 
     for d in (args.root, args.dir):
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
+        make_private_dir(d)
     secret_file = env.pop(SECRET_FILE_ENV, None)
     secret = env.pop(SECRET_VALUE_ENV, None)
     wrote_secret = False
@@ -105,45 +107,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     while child.poll() is None and not stop["signal"]:
         time.sleep(0.1)
     rc = child.poll()
-    sid = child.pid
     if rc is None:
-        _say(f"signal {stop['signal']}: stopping session {sid}")
-        child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + args.grace
-    termed: set[int] = set()
-    while time.monotonic() < deadline:
-        child.poll()
-        if child.returncode is not None:
-            left = members({sid}, [args.dir])
-            if not left:
-                break
-            for pid in set(left) - termed:  # the leader is gone: SIGTERM the stragglers once
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            termed.update(left)
-        time.sleep(0.05)
-    left = members({sid}, [args.dir])
-    if child.poll() is None:
-        left.append(child.pid)
-    for pid in set(left):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and (child.poll() is None or members({sid}, [args.dir])):
-        time.sleep(0.05)
-    remaining = members({sid}, [args.dir])
+        _say(f"signal {stop['signal']}: stopping session {child.pid}")
+    # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
+    remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
     _cleanup(args, secret_file if wrote_secret else None)
     if remaining:
         _say(f"ERROR: processes left on {host}: {sorted(remaining)}")
     else:
-        _say(f"stopped on {host}; nothing left" + (f" (killed {len(set(left))})" if left else ""))
+        _say(f"stopped on {host}; nothing left")
     if stop["signal"]:
         return 0
-    return rc if rc is not None and rc >= 0 else 128 + (-(rc or 0))
+    return exit_status(rc)
 
 
 def _cleanup(args: argparse.Namespace, secret_file: Optional[str]) -> None:

@@ -1,8 +1,8 @@
 """Which node runs what, and which address each node's daemons bind to.
 
 Placement follows TokSearch's documentation: the node that runs the script hosts
-the Ray head / Spark master; Ray workers run on the other N-1 nodes, Spark
-workers on all N nodes.  Everything here is pure or reads only local files, so
+the Ray head / Spark master / Dask scheduler; Ray workers run on the other N-1
+nodes, Spark and Dask workers on all N nodes.  Everything here is pure or reads only local files, so
 the dry run can use it without starting anything.
 """
 
@@ -87,8 +87,10 @@ class Placement:
 
     @property
     def workers(self) -> list[str]:
-        """Ray: the other N-1 nodes; Spark: all N nodes (the master's node works too)."""
-        return list(self.hosts[1:]) if self.backend == "ray" else list(self.hosts)
+        """Ray: the other N-1 nodes; Spark, Dask: all N nodes (the head's node works too)."""
+        from .backend import get_backend
+
+        return list(self.hosts) if get_backend(self.backend).workers_on_head else list(self.hosts[1:])
 
 
 def place(backend: str, hosts: list[str], head: Optional[str] = None) -> Placement:

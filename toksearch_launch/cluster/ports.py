@@ -1,20 +1,15 @@
 """Port blocks: every port a job's daemons open, chosen so that jobs sharing a node never collide.
 
-Ray and Spark defaults (6379, 7077, 8265, 10001, 52365, 44217, ...) are what
-two jobs on one node fight over.  A cluster instead takes one block of
+Ray, Spark and Dask defaults (6379, 7077, 8786, 8265, 10001, 52365, 44217, ...)
+are what two jobs on one node fight over.  A cluster instead takes one block of
 consecutive ports, pins every daemon port inside it, and checks the block is
 free here before starting.  With ``site.ports.policy=auto`` the block is at a
 random place in a high range below the kernel's ephemeral range (so outgoing
 connections never take our ports); ``fixed`` starts it at ``site.ports.base``.
 
-Layout of a block (offsets from ``base``):
-
-* Ray: head ports at 0..4 (GCS, client server, dashboard, autoscaler metrics,
-  dashboard metrics), then one slot per node at 10 + k*S: node manager, object
-  manager, dashboard agent HTTP and gRPC, metrics export, runtime env agent,
-  then the node's worker port range.
-* Spark: master 0, master UI 1, driver 2, driver block manager 3, then one
-  slot per node at 4 + 2k: worker RPC, worker UI.
+Each backend declares its :class:`PortLayout` (head ports, per-node ports,
+per-node ranges); a block is: head ports from offset 0, then one slot per node
+at ``head_slot + k*S``.
 
 On SLURM the nodes are distinct hosts, so all nodes share one slot (the block
 stays small); on site=local every node gets its own slot.
@@ -31,34 +26,36 @@ from typing import Optional
 
 from .errors import ClusterError
 
-RAY_HEAD_PORTS = ("gcs", "client_server", "dashboard", "autoscaler_metrics", "dashboard_metrics")
-RAY_NODE_PORTS = (
-    "node_manager",
-    "object_manager",
-    "agent_http",
-    "agent_grpc",
-    "metrics",
-    "runtime_env_agent",
-)
-SPARK_HEAD_PORTS = ("master", "master_ui", "driver", "driver_block_manager")
-SPARK_NODE_PORTS = ("worker", "worker_ui")
-
-#: Ray worker processes per node (each takes one port of the node's range).
-RAY_WORKER_PORTS_LOCAL = 64
-RAY_WORKER_PORTS_SLURM = 1000
 #: Where auto blocks go: above Ray's default worker range (10002-19999), below the
 #: ephemeral range (Linux default 32768-60999).
 AUTO_LOW = 20000
 AUTO_HIGH = 32768
-_RAY_HEAD_SLOT = 10
-_SPARK_HEAD_SLOT = len(SPARK_HEAD_PORTS)
+
+
+@dataclass(frozen=True)
+class PortLayout:
+    """Which ports a backend's daemons open: declared by the backend, laid out here.
+
+    head: ports only the head node opens; node: fixed ports every node opens;
+    ranges: (name, size on one shared host, size per node on SLURM) -- a node's
+    ``min_<name>``..``max_<name>`` (e.g. Ray's worker processes); head_slot:
+    offset of the first node slot in the block.
+    """
+
+    head: tuple[str, ...]
+    node: tuple[str, ...]
+    ranges: tuple[tuple[str, int, int], ...] = ()
+    head_slot: int = 0
+
+    def slot_size(self, shared_host: bool) -> int:
+        return len(self.node) + sum(local if shared_host else slurm for _, local, slurm in self.ranges)
 
 
 @dataclass
-class PortPlan:
+class PortBlock:
     """Every port of one cluster. ``nodes[k]`` holds the ports of the node at placement index k."""
 
-    backend: str
+    layout: PortLayout
     base: int
     size: int
     head: dict[str, int]
@@ -67,16 +64,14 @@ class PortPlan:
     def ports_of_node(self, index: int, *, head: Optional[bool] = None) -> list[int]:
         """The ports the daemons of node ``index`` listen on (head ports on node 0).
 
-        head: include the head's ports (default: on node 0); Spark's worker on node 0
-        passes False (the master there holds those).
+        head: include the head's ports (default: on node 0); a worker on node 0
+        beside a separate head daemon passes False (the head holds those).
         """
         out = list(self.head.values()) if (index == 0 if head is None else head) else []
         slot = self.nodes[index]
-        if self.backend == "ray":
-            out += [slot[k] for k in RAY_NODE_PORTS]
-            out += list(range(slot["min_worker"], slot["max_worker"] + 1))
-        else:
-            out += [slot[k] for k in SPARK_NODE_PORTS]
+        out += [slot[k] for k in self.layout.node]
+        for name, _, _ in self.layout.ranges:
+            out += list(range(slot[f"min_{name}"], slot[f"max_{name}"] + 1))
         return out
 
     def head_ports(self) -> list[int]:
@@ -92,52 +87,78 @@ class PortPlan:
         for i, slot in enumerate(self.nodes):
             if i and slot == self.nodes[0]:
                 continue
-            if self.backend == "ray":
-                fixed = " ".join(f"{k}={slot[k]}" for k in RAY_NODE_PORTS)
-                nodes.append(f"node{i}: {fixed} workers={slot['min_worker']}-{slot['max_worker']}")
-            else:
-                nodes.append(f"node{i}: " + " ".join(f"{k}={slot[k]}" for k in SPARK_NODE_PORTS))
+            words = [f"{k}={slot[k]}" for k in self.layout.node]
+            words += [f"{r}s={slot[f'min_{r}']}-{slot[f'max_{r}']}" for r, _, _ in self.layout.ranges]
+            nodes.append(f"node{i}: " + " ".join(words))
         shared = " (same ports on every node)" if len(self.nodes) > 1 and self.nodes[1] == self.nodes[0] else ""
         return f"ports {self.base}-{self.base + self.size - 1}: {head}; " + "; ".join(nodes) + shared
 
 
-def plan_ports(
-    backend: str, n_nodes: int, base: int, *, shared_host: bool, worker_ports: Optional[int] = None
-) -> PortPlan:
-    """The block at ``base`` for ``n_nodes`` nodes.
+def _layout(backend: "str | PortLayout") -> PortLayout:
+    if isinstance(backend, PortLayout):
+        return backend
+    from .backend import get_backend
+
+    return get_backend(backend).ports
+
+
+def plan_ports(backend: "str | PortLayout", n_nodes: int, base: int, *, shared_host: bool) -> PortBlock:
+    """The block at ``base`` for ``n_nodes`` nodes of ``backend`` (a name or its layout).
 
     shared_host: all nodes on one machine (site=local), so each needs its own ports.
     """
-    slots = n_nodes if shared_host else 1
-    if backend == "ray":
-        w = worker_ports or (RAY_WORKER_PORTS_LOCAL if shared_host else RAY_WORKER_PORTS_SLURM)
-        step = len(RAY_NODE_PORTS) + w
-        head = {k: base + i for i, k in enumerate(RAY_HEAD_PORTS)}
-        nodes = []
-        for k in range(n_nodes):
-            s = base + _RAY_HEAD_SLOT + (k if shared_host else 0) * step
-            slot = {name: s + i for i, name in enumerate(RAY_NODE_PORTS)}
-            slot["min_worker"] = s + len(RAY_NODE_PORTS)
-            slot["max_worker"] = s + step - 1
-            nodes.append(slot)
-        size = _RAY_HEAD_SLOT + slots * step
-    elif backend == "spark":
-        head = {k: base + i for i, k in enumerate(SPARK_HEAD_PORTS)}
-        nodes = []
-        for k in range(n_nodes):
-            s = base + _SPARK_HEAD_SLOT + (k if shared_host else 0) * len(SPARK_NODE_PORTS)
-            nodes.append({name: s + i for i, name in enumerate(SPARK_NODE_PORTS)})
-        size = _SPARK_HEAD_SLOT + slots * len(SPARK_NODE_PORTS)
-    else:
-        raise ClusterError(f"unknown backend {backend!r}")
+    layout = _layout(backend)
+    step = layout.slot_size(shared_host)
+    first = max(layout.head_slot, len(layout.head))
+    head = {k: base + i for i, k in enumerate(layout.head)}
+    nodes = []
+    for k in range(n_nodes):
+        s = base + first + (k if shared_host else 0) * step
+        slot = {name: s + i for i, name in enumerate(layout.node)}
+        at = s + len(layout.node)
+        for name, local, slurm in layout.ranges:
+            count = local if shared_host else slurm
+            slot[f"min_{name}"], slot[f"max_{name}"] = at, at + count - 1
+            at += count
+        nodes.append(slot)
+    size = first + (n_nodes if shared_host else 1) * step
     if base + size > 65536:
         raise ClusterError(f"port block {base}-{base + size - 1} goes past 65535")
-    return PortPlan(backend, base, size, head, nodes)
+    return PortBlock(layout, base, size, head, nodes)
 
 
-def placeholder_ports(backend: str, n_nodes: int, *, shared_host: bool) -> PortPlan:
+def placeholder_ports(backend: "str | PortLayout", n_nodes: int, *, shared_host: bool) -> PortBlock:
     """A plan whose ports read as ``<port:name>`` (dry run with policy=auto): planned at base 0."""
-    return plan_ports(backend, n_nodes, 0, shared_host=shared_host)
+    block = plan_ports(backend, n_nodes, 0, shared_host=shared_host)
+    block.head = {k: f"<port:{k}>" for k in block.head}  # type: ignore[misc]
+    shared = not shared_host or n_nodes == 1
+    block.nodes = [  # type: ignore[assignment]
+        {k: (f"<port:{k}>" if shared else f"<port:{k}@{i + 1}>") for k in slot}
+        for i, slot in enumerate(block.nodes)
+    ]
+    return block
+
+
+def compress_ports(ports: list[int]) -> str:
+    """[1,2,3,7] -> "1-3,7" (the step wrapper's --check-ports)."""
+    ports = sorted(set(ports))
+    out: list[str] = []
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def expand_ports(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
 
 
 # ------------------------------------------------------------ free-port checks

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
-#: Flags whose value is secret (user options may carry some): shown as <redacted>.
-_SECRET_FLAG = re.compile(r"(secret|token|password|passwd|credential)", re.I)
-REDACTED = "<redacted>"
+from ..procutil import REDACTED, display, redact  # noqa: F401  (re-exported: one display, always redacted)
 
 #: Log lines that mean "port taken": worth a retry with another block.
 PORT_CONFLICT = re.compile(
@@ -32,36 +29,11 @@ PORT_CONFLICT = re.compile(
 )
 
 
-def redact(argv: Iterable[str]) -> list[str]:
-    """argv with the values of secret-looking options replaced (``--x-token V``, ``--x-secret=V``, ``-Dy.secret=V``)."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("-") and _SECRET_FLAG.search(arg.split("=", 1)[0]):
-            if "=" in arg:
-                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(arg)
-    return out
-
-
-def display(argv: Iterable[str]) -> str:
-    """The command as the user would type it, secrets redacted."""
-    return shlex.join(redact(argv))
-
-
 @dataclass
 class Daemon:
     """One daemon of a cluster: where it runs, how it is started, where its output goes."""
 
-    role: str  # ray-head | ray-worker | spark-master | spark-worker
+    role: str  # ray-head | ray-worker | spark-master | spark-worker | dask-scheduler | dask-worker
     host: str
     index: int  # placement index (0 = head node)
     argv: list[str]
@@ -72,6 +44,8 @@ class Daemon:
     started_at: float = 0.0
     #: SLURM: "JOBID.STEPID" of the daemon's step, read from the wrapper's first log line.
     step_id: Optional[str] = None
+    #: the daemon's own dir on its node
+    node_dir: str = ""
 
     @property
     def label(self) -> str:
@@ -197,17 +171,33 @@ def _signal_all(pids: Iterable[int], sig: int) -> None:
             pass
 
 
+class Leader(Protocol):
+    """A session leader we started: a :class:`Daemon`, or :class:`Session` around a bare Popen."""
+
+    proc: Optional[subprocess.Popen]
+
+
+@dataclass
+class Session:
+    """A bare child process started as a session leader (the step wrapper's daemon)."""
+
+    proc: Optional[subprocess.Popen]
+
+
 def terminate(
-    daemons: list[Daemon],
+    daemons: "list[Any]",
     *,
     markers: Iterable[str] = (),
     grace: float = 6.0,
     kill_wait: float = 3.0,
     head_last: bool = False,
-    send_term=None,
-    on_stuck=None,
+    send_term: Optional[Callable[[list[Any]], None]] = None,
+    on_stuck: Optional[Callable[[Any], None]] = None,
 ) -> list[int]:
-    """Stop the daemons: SIGTERM each leader, wait up to ``grace``, SIGKILL what is left.
+    """Stop session leaders (:class:`Leader`): SIGTERM each leader, wait up to ``grace``, SIGKILL what is left.
+
+    The one TERM -> grace -> KILL routine of the package (the lifecycle and the
+    step wrapper both use it).
 
     head_last: SIGTERM the workers first and the head (``daemons[0]``) once they are
     gone or after half the grace period (a Ray worker stopped together with its GCS

@@ -1,4 +1,4 @@
-"""The Spark standalone part: master/worker commands, readiness probe, driver config.
+"""The Spark standalone backend: master/worker commands, readiness probe, driver config and auth.
 
 Never imports pyspark at module level.  Secrets: the daemons get
 ``_SPARK_AUTH_SECRET`` in their environment plus ``-Dspark.authenticate=true``
@@ -10,22 +10,60 @@ would put it on the driver JVM's argv).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import socket
 import sys
 import urllib.request
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .plan import DAEMON_ENV, ClusterPlan, spark_class, write_private
-from .procs import ENV_MARK, Daemon
+from .auth import DAEMON_ENV, random_token
+from .backend import NodeCommand, Role
+from .dirs import make_private_dir, write_private
+from .ports import PortLayout
+from .procs import ENV_MARK
+
+if TYPE_CHECKING:
+    from .plan import ClusterPlan
 
 NAME = "spark"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+PORTS = PortLayout(head=("master", "master_ui", "driver", "driver_block_manager"), node=("worker", "worker_ui"))
 
 
-def _env_base(plan: ClusterPlan, index: int, node_dir: str) -> dict[str, str]:
+def pyspark_home() -> Optional[str]:
+    """The installed pyspark package dir (it is a Spark home: bin/spark-class, jars/), found without importing it."""
+    try:
+        spec = importlib.util.find_spec("pyspark")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def spark_class() -> tuple[str, Optional[str]]:
+    """(spark-class path, SPARK_HOME to set).
+
+    The installed pyspark's own ``bin/spark-class`` with SPARK_HOME pointing at it,
+    so the daemons run the same Spark version as the driver. (The venv's
+    ``bin/spark-class`` wrapper looks for Spark with whatever ``python3`` is first
+    on PATH, and fails when the venv is not activated; another Spark on PATH may
+    be another version.)  Falls back to ``spark-class`` on PATH without pyspark.
+    """
+    home = pyspark_home()
+    if home and os.path.exists(os.path.join(home, "bin", "spark-class")):
+        return os.path.join(home, "bin", "spark-class"), home
+    found = shutil.which("spark-class")
+    if found:
+        return found, None
+    return "spark-class", None
+
+
+def _env_base(plan: "ClusterPlan", index: int, node_dir: str) -> dict[str, str]:
     _, home = spark_class()
     env = {
         "_SPARK_AUTH_SECRET": plan.secret,
@@ -42,11 +80,11 @@ def _env_base(plan: ClusterPlan, index: int, node_dir: str) -> dict[str, str]:
     return env
 
 
-def master_url(plan: ClusterPlan) -> str:
+def master_url(plan: "ClusterPlan") -> str:
     return f"spark://{plan.head_ip}:{plan.ports.head['master']}"
 
 
-def master_argv(plan: ClusterPlan) -> list[str]:
+def master_argv(plan: "ClusterPlan") -> list[str]:
     h = plan.ports.head
     return [
         spark_class()[0], MASTER_CLASS, "--host", plan.head_ip, "--port", str(h["master"]),
@@ -55,7 +93,7 @@ def master_argv(plan: ClusterPlan) -> list[str]:
     ]
 
 
-def worker_argv(plan: ClusterPlan, index: int) -> list[str]:
+def worker_argv(plan: "ClusterPlan", index: int) -> list[str]:
     slot = plan.ports.nodes[index]
     argv = [
         spark_class()[0], WORKER_CLASS, "--host", plan.ip(index),
@@ -67,47 +105,11 @@ def worker_argv(plan: ClusterPlan, index: int) -> list[str]:
     return argv + [*map(str, plan.cfg.spark.worker.start), master_url(plan)]
 
 
-def daemons(plan: ClusterPlan) -> list[Daemon]:
-    """Master on node 0, one worker on every node (node 0 included)."""
-    menv = _env_base(plan, 0, plan.master_dir)
-    # REST submission off; a taken port fails the start instead of silently moving
-    menv["SPARK_MASTER_OPTS"] = (
-        "-Dspark.authenticate=true -Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0"
-    )
-    out = [Daemon(
-        "spark-master", plan.hosts[0], 0,
-        plan.launch_argv(0, master_argv(plan), list(plan.cfg.spark.master.srun), spark=True,
-                         node_dir=plan.master_dir, check_ports=[] if plan.dry_run else plan.ports.head_ports()),
-        plan.log_path("spark-master", plan.hosts[0]), menv, plan.addresses[0],
-    )]
-    for index in range(plan.n_nodes):
-        host = plan.hosts[index]
-        wenv = _env_base(plan, index, plan.node_dir(index))
-        wenv["SPARK_WORKER_OPTS"] = "-Dspark.authenticate=true -Dspark.port.maxRetries=0"
-        wenv["SPARK_LOCAL_DIRS"] = f"{plan.node_dir(index)}/local"
-        out.append(Daemon(
-            "spark-worker", host, index,
-            plan.launch_argv(index, worker_argv(plan, index), list(plan.cfg.spark.worker.srun), spark=True,
-                             check_ports=None if plan.dry_run else plan.ports.ports_of_node(index, head=False)),
-            plan.log_path("spark-worker", host), wenv, plan.addresses[index],
-        ))
-    return out
-
-
-#: Workers start as soon as the master's RPC port answers (one started before may
-#: miss the master and wait ~10 s for its registration retry).
-WORKERS_WAIT_FOR_HEAD = True
-
-
-def address(plan: ClusterPlan) -> str:
-    return master_url(plan)
-
-
-def conf_dir(plan: ClusterPlan) -> str:
+def conf_dir(plan: "ClusterPlan") -> str:
     return f"{plan.root}/spark-conf"
 
 
-def driver_conf(plan: ClusterPlan) -> dict[str, str]:
+def driver_conf(plan: "ClusterPlan") -> dict[str, str]:
     """The driver's settings (secret included): written to the 0600 spark-defaults.conf."""
     h = plan.ports.head
     return {
@@ -125,10 +127,10 @@ def driver_conf(plan: ClusterPlan) -> dict[str, str]:
     }
 
 
-def write_driver_conf(plan: ClusterPlan) -> None:
+def write_driver_conf(plan: "ClusterPlan") -> None:
     """SPARK_CONF_DIR for drivers: the user's spark-defaults.conf first (if any), ours after."""
     d = conf_dir(plan)
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    make_private_dir(d)
     lines = []
     user_dir = os.environ.get("SPARK_CONF_DIR")
     if user_dir and os.path.abspath(user_dir) != d:
@@ -141,26 +143,12 @@ def write_driver_conf(plan: ClusterPlan) -> None:
     write_private(os.path.join(d, "spark-defaults.conf"), "\n".join(lines) + "\n")
 
 
-def client_env(plan: ClusterPlan) -> dict[str, str]:
-    env = {
-        "SPARK_MASTER_URL": master_url(plan),
-        "SPARK_CONF_DIR": conf_dir(plan),
-        "PYSPARK_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": plan.head_ip,  # the driver runs on the head node: bind there
-    }
-    _, home = spark_class()
-    if home:
-        env["SPARK_HOME"] = home
-    return env
-
-
-# ------------------------------------------------------------------ readiness
-
-
 class Probe:
     """Master RPC port answers (head up) -> master /json/ ALIVE with ``expected`` workers ALIVE."""
 
-    def __init__(self, plan: ClusterPlan, expected: int) -> None:
+    unit = "workers"
+
+    def __init__(self, plan: "ClusterPlan", expected: int) -> None:
         self.host = plan.head_ip
         self.rpc_port = plan.ports.head["master"]
         self.url = f"http://{plan.head_ip}:{plan.ports.head['master_ui']}/json/"
@@ -171,7 +159,8 @@ class Probe:
 
     @property
     def workers_go(self) -> bool:
-        """Workers may start: the master's RPC port answers."""
+        """Workers may start: the master's RPC port answers (one started before may miss
+        the master and wait ~10 s for its registration retry)."""
         return self.head_up
 
     def poll(self) -> bool:
@@ -206,22 +195,93 @@ class Probe:
         pass
 
 
-# ------------------------------------------------------------------ driver
+class SparkBackend:
+    """Master on node 0, one worker on every node (node 0 included); spark.authenticate on."""
+
+    name = NAME
+    ports = PORTS
+    workers_on_head = True
+    head_last = False
+    secret_file_on_nodes = False  # daemons get _SPARK_AUTH_SECRET in their environment
+    node_ip_env = "SPARK_LOCAL_IP"
+    env_to_drop = ("SPARK_CONF_DIR",)
+
+    def preflight(self, cfg: Any, plan: Optional["ClusterPlan"]) -> list[str]:  # noqa: ARG002
+        problems = []
+        if pyspark_home() is None:
+            problems.append(f"PySpark is not installed for {sys.executable}: pip install 'toksearch_launch[spark]'")
+        java_home = os.environ.get("JAVA_HOME")
+        java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+        if not java or not os.access(java, os.X_OK):
+            problems.append("Java is missing (Spark needs it): install a JDK (17 or 21) or set JAVA_HOME")
+        return problems
+
+    def new_secret(self) -> str:
+        return random_token()
+
+    def roles(self, plan: "ClusterPlan") -> tuple[Role, Role]:
+        menv = _env_base(plan, 0, plan.master_dir)
+        # REST submission off; a taken port fails the start instead of silently moving
+        menv["SPARK_MASTER_OPTS"] = (
+            "-Dspark.authenticate=true -Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0"
+        )
+        h = plan.hosts[0]
+        master = Role("spark-master", [NodeCommand(
+            0, h, master_argv(plan), menv, plan.log_path("spark-master", h), plan.addresses[0],
+            plan.master_dir, [] if plan.dry_run else plan.ports.head_ports())], list(plan.cfg.spark.master.srun))
+        nodes = []
+        for i, host in enumerate(plan.hosts):
+            wenv = _env_base(plan, i, plan.node_dir(i))
+            wenv["SPARK_WORKER_OPTS"] = "-Dspark.authenticate=true -Dspark.port.maxRetries=0"
+            wenv["SPARK_LOCAL_DIRS"] = f"{plan.node_dir(i)}/local"
+            nodes.append(NodeCommand(
+                i, host, worker_argv(plan, i), wenv, plan.log_path("spark-worker", host), plan.addresses[i],
+                plan.node_dir(i), [] if plan.dry_run else plan.ports.ports_of_node(i, head=False)))
+        return master, Role("spark-worker", nodes, list(plan.cfg.spark.worker.srun))
+
+    def prepare(self, plan: "ClusterPlan") -> None:
+        write_driver_conf(plan)
+
+    def probe(self, plan: "ClusterPlan") -> Probe:
+        return Probe(plan, expected=plan.n_nodes)
+
+    def address(self, plan: "ClusterPlan") -> str:
+        return master_url(plan)
+
+    def client_env(self, plan: "ClusterPlan") -> dict[str, str]:
+        env = {
+            "SPARK_MASTER_URL": master_url(plan),
+            "SPARK_CONF_DIR": conf_dir(plan),
+            "PYSPARK_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": plan.head_ip,  # the driver runs on the head node: bind there
+        }
+        _, home = spark_class()
+        if home:
+            env["SPARK_HOME"] = home
+        return env
+
+    def connect(self, cluster: Any, **kwargs: Any) -> Any:
+        """A SparkSession bound to the master; the secret reaches the driver JVM only via SPARK_CONF_DIR."""
+        for k, v in cluster.client_env().items():
+            os.environ[k] = v
+        from pyspark.sql import SparkSession
+
+        builder = SparkSession.builder.master(cluster.address)
+        builder = builder.appName(str(kwargs.pop("app_name", "toksearch")))
+        for k, v in kwargs.items():
+            if "secret" in k.lower():
+                raise ValueError(f"{k}: secrets go through SPARK_CONF_DIR, never through the builder (argv)")
+            builder = builder.config(k, v)
+        return builder.getOrCreate()
+
+    def disconnect(self, session: Any) -> None:
+        disconnect(session)
+
+    def forget_client(self) -> None:
+        pass  # the driver JVM that read the conf is stopped by disconnect()
 
 
-def connect(cluster: Any, **kwargs: Any) -> Any:
-    """A SparkSession bound to the master; the secret reaches the driver JVM only via SPARK_CONF_DIR."""
-    for k, v in cluster.client_env().items():
-        os.environ[k] = v
-    from pyspark.sql import SparkSession
-
-    builder = SparkSession.builder.master(cluster.address)
-    builder = builder.appName(str(kwargs.pop("app_name", "toksearch")))
-    for k, v in kwargs.items():
-        if "secret" in k.lower():
-            raise ValueError(f"{k}: secrets go through SPARK_CONF_DIR, never through the builder (argv)")
-        builder = builder.config(k, v)
-    return builder.getOrCreate()
+BACKEND = SparkBackend()
 
 
 def disconnect(session: Any) -> None:

@@ -185,7 +185,7 @@ class Pipeline:
 
     def compute(self, recordset_cls: Optional[type] = None, config: Any = None, **kwargs: Any) -> ResultSet:
         """TokSearch's ``compute(RayRecordSet, RayConfig(...))``, or, with no class, the job's default
-        backend (``backend=ray|spark`` of the launcher's config; Ray outside a job) with ``kwargs``."""
+        backend (``backend=ray|spark|dask`` of the launcher's config; Ray outside a job) with ``kwargs``."""
         if recordset_cls is not None:
             return self._compute_with(recordset_cls, config, kwargs)
         from toksearch_launch.config import default_config, load_job_config
@@ -193,6 +193,8 @@ class Pipeline:
         cfg = load_job_config() or default_config()
         if cfg.backend.name == "spark":
             return self.compute_spark(**kwargs)
+        if cfg.backend.name == "dask":
+            return self.compute_dask(**kwargs)
         return self.compute_ray(**kwargs)
 
     def _compute_with(self, recordset_cls: type, config: Any, kwargs: Dict[str, Any]) -> ResultSet:
@@ -308,6 +310,21 @@ class Pipeline:
             verbose=verbose,
             store=store,
         )
+
+    def compute_dask(
+        self,
+        client: Any = None,
+        numparts: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        verbose: bool = True,
+        store: Any = "auto",
+    ) -> ResultSet:
+        """On Dask: ``client`` (a distributed.Client) if given, else the job's cluster inside
+        toksearch_submit, the default client, or a new local cluster (closed afterwards)."""
+        from toksearch_launch.pipeline.dask_backend import compute_dask
+
+        return compute_dask(self._ops, self._items, client=client, numparts=numparts,
+                            batch_size=batch_size, verbose=verbose, store=store)
 
 
 __all__ = ["Pipeline", "RunStats"]

@@ -1,0 +1,48 @@
+"""Process helpers the whole package shares: how a command is shown, how an exit status reads.
+
+One of each, so a printed command is redacted wherever it is printed and a
+child killed by a signal exits the same way everywhere.  Standard library only
+(the CLI imports it).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Iterable, Optional
+
+#: Option names whose value is secret (user options may carry some): shown as <redacted>.
+_SECRET_FLAG = re.compile(r"(secret|token|password|passwd|credential)", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(argv: Iterable[str]) -> list[str]:
+    """argv with the values of secret-looking options replaced (``--x-token V``, ``--x-secret=V``, ``-Dy.secret=V``)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if arg.startswith("-") and _SECRET_FLAG.search(arg.split("=", 1)[0]):
+            if "=" in arg:
+                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(arg)
+    return out
+
+
+def display(argv: Iterable[str]) -> str:
+    """The command as the user would type it, secrets redacted (for printing only)."""
+    return shlex.join(redact(argv))
+
+
+def exit_status(returncode: Optional[int]) -> int:
+    """A child's return code as a shell reports it: 128 + N for death by signal N (None: 0)."""
+    if returncode is None:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
