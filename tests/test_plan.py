@@ -34,7 +34,7 @@ def test_golden_default_interactive():
     p = plan(["nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --overlap --signal=USR1@120 python toksearch_example.py ray"
+        "srun -u --pty -N 1 --exclusive --propagate --overlap python toksearch_example.py ray"
     ).split()
     assert p.notes == []
 
@@ -43,7 +43,7 @@ def test_golden_saga_interactive():
     p = plan(["site=saga", "nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --gres=gpu:volta:1 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap --signal=USR1@120 "
+        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap "
         "python toksearch_example.py ray"
     ).split()
 
@@ -103,7 +103,7 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
     p = plan(["nodes=3"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --propagate --overlap --signal=USR1@120 python toksearch_example.py ray"
+        "srun -u --pty -N 1 --propagate --overlap python toksearch_example.py ray"
     ).split()
     assert p.notes == [
         "Slurm 22.05.8 refuses --exclusive with --overlap on one step: "
@@ -113,7 +113,7 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
 
 def test_new_slurm_keeps_exclusive_when_step_has_no_overlap():
     p = plan(["nodes=3", "interactive.srun=[]"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
-    assert p.argv[-7:] == ["-N", "1", "--exclusive", "--propagate", "--signal=USR1@120", *COMMAND][-7:]
+    assert p.argv[-6:] == ["-N", "1", "--exclusive", "--propagate", *COMMAND][-6:]
     assert "--exclusive" in p.argv[p.argv.index("srun"):]
 
 
