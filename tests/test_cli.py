@@ -159,13 +159,13 @@ def test_user_config_dir_adds_a_site(tmp_path, standin_path):
 def test_hostile_arguments_survive_interactive_argv(tmp_path, standin_path):
     """salloc (stand-in) receives COMMAND byte for byte, and the command then sees it too."""
     command = [sys.executable, str(TESTS / "echo_argv.py"), *HOSTILE]
-    env = {**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "6", "STANDIN_SLURM_VERSION": "22.05.8"}  # -u -N 1 --propagate --overlap --signal (then the run-dir check)
+    env = {**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "5", "STANDIN_SLURM_VERSION": "22.05.8"}  # -u -N 1 --propagate --overlap (then the run-dir check)
     result = run_cli(["nodes=2", *command], tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     [salloc] = read_record(standin_path)
     expected = command[:2] + HOSTILE[:8] + HOSTILE[9:]  # the first `--` after COMMAND is dropped
     config = next(tmp_path.rglob("toksearch.yaml"))
-    assert salloc[-len(expected) - 7:] == ["--overlap", "--signal=USR1@120", *checked_command(config, expected)]
+    assert salloc[-len(expected) - 6:] == ["--overlap", *checked_command(config, expected)]
     echoed = json.loads(result.stdout.split("ARGV=", 1)[1].splitlines()[0])
     assert echoed == HOSTILE[:8] + HOSTILE[9:]
 
@@ -264,7 +264,7 @@ def test_wheel_ships_conf_and_runs_dry_run(tmp_path):
 
 
 def test_x11_failure_names_the_override_that_removes_it(tmp_path, standin_path):
-    env = {**standin_path, "DISPLAY": ":99", "STANDIN_FAIL_X11": "1", "STANDIN_SRUN_OPTS": "6"}
+    env = {**standin_path, "DISPLAY": ":99", "STANDIN_FAIL_X11": "1", "STANDIN_SRUN_OPTS": "5"}
     result = run_cli(["nodes=2", sys.executable, "-c", "print('never')"], tmp_path, env=env)
     assert result.returncode == 1
     assert "Cannot stat() local X11 socket" in result.stderr  # salloc's own words still reach the user

@@ -219,11 +219,14 @@ def test_batch_script_asks_for_the_warning_and_requeue():
     assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
 
 
-def test_interactive_step_asks_for_the_warning():
+def test_interactive_job_warns_itself_grace_before_its_end():
     cfg = compose(["interactive.salloc=['--time=3']"])
     plan = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w", display=None))
-    step = plan.argv[plan.argv.index("srun"):]
-    assert "--signal=USR1@90" in step
+    assert not any(a.startswith("--signal") for a in plan.argv)  # srun would ignore it inside salloc
+    assert stopping.self_warning_delay(1000.0, 1180.0, 1000.0, 120.0) == 90.0  # half of a 3-minute limit
+    assert stopping.self_warning_delay(0.0, 14400.0, 100.0, 120.0) == 14180.0
+    assert stopping.self_warning_delay(0.0, 100.0, 99.0, 120.0) == 0.0  # already inside the grace: at once
+    assert stopping.self_warning_delay(0.0, 100.0, 0.0, 0.0) is None  # site.stop_grace=0: off
 
 
 # --------------------------------------------------------------------------- CLI: --status, --resume (site=local)

@@ -232,7 +232,7 @@ SECRET = "hunter2-s3cr3t"
 
 def test_printed_interactive_command_is_redacted_but_the_job_gets_the_secret(tmp_path, standin_path):
     command = [sys.executable, "-c", "import sys; print('GOT', sys.argv[1:])", "--token", SECRET, f"--password={SECRET}"]
-    env = {**standin_path, "DISPLAY": "", "STANDIN_SRUN_OPTS": "6"}
+    env = {**standin_path, "DISPLAY": "", "STANDIN_SRUN_OPTS": "5"}
     result = run_cli(["nodes=2", "site.slurm_version=22.05.8", "ray.master.start=[--redis-password=x]", *command],
                      tmp_path, env=env)
     assert result.returncode == 0, result.stderr
@@ -317,7 +317,7 @@ def test_an_override_that_drops_site_options_says_so_in_one_line(tmp_path, stand
     """Issue 11.8: `site=saga 'interactive.salloc=[--time=1:00:00]'` silently dropped --gres=gpu:volta:1."""
     result = run_cli(["site=saga", "site.slurm_version=22.05.8", "interactive.salloc=[--time=1:00:00]",
                       sys.executable, "-c", "print('ran')"], tmp_path,
-                     env={**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "7"})
+                     env={**standin_path, "DISPLAY": ":0", "STANDIN_SRUN_OPTS": "6"})
     assert result.returncode == 0, result.stderr
     notes = [ln for ln in result.stderr.splitlines() if "replaces" in ln]
     assert notes == ["toksearch_submit: note: interactive.salloc=[...] replaces the site=saga options and drops "

@@ -37,7 +37,7 @@ def test_golden_default_interactive():
     p = plan(["nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --overlap --signal=USR1@120"
+        "srun -u --pty -N 1 --exclusive --propagate --overlap"
     ).split() + CHECK + COMMAND
     assert p.notes == []
 
@@ -46,7 +46,7 @@ def test_golden_saga_interactive():
     p = plan(["site=saga", "nodes=3"])
     assert p.argv == (
         "salloc -N 3 --exclusive --gres=gpu:volta:1 --x11=all "
-        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap --signal=USR1@120"
+        "srun -u --pty -N 1 --exclusive --propagate --gres=gpu:volta:0 --overlap"
     ).split() + CHECK + COMMAND
 
 
@@ -105,7 +105,7 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
     p = plan(["nodes=3"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
     assert p.argv == (
         "salloc -N 3 --exclusive --time=4:00:00 --x11=all "
-        "srun -u --pty -N 1 --propagate --overlap --signal=USR1@120"
+        "srun -u --pty -N 1 --propagate --overlap"
     ).split() + CHECK + COMMAND
     assert p.notes == [
         "Slurm 22.05.8 refuses --exclusive with --overlap on one step: "
@@ -115,7 +115,7 @@ def test_new_slurm_drops_step_exclusive_and_says_so():
 
 def test_new_slurm_keeps_exclusive_when_step_has_no_overlap():
     p = plan(["nodes=3", "interactive.srun=[]"], facts=Facts(display=":0", slurm_version=NEW_SLURM))
-    assert p.argv[-len(CHECK) - 7:] == ["-N", "1", "--exclusive", "--propagate", "--signal=USR1@120", *CHECK, *COMMAND][-len(CHECK) - 7:]
+    assert p.argv[-len(CHECK) - 6:] == ["-N", "1", "--exclusive", "--propagate", *CHECK, *COMMAND][-len(CHECK) - 6:]
     assert "--exclusive" in p.argv[p.argv.index("srun"):]
 
 

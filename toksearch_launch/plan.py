@@ -230,8 +230,10 @@ def interactive_argv(cfg: DictConfig, command: Sequence[str], facts: Facts, note
         )
     else:
         argv.append("--exclusive")
-    grace = stop_signal_grace(cfg, [*salloc_opts, *srun_opts])
-    argv += ["--propagate", *srun_opts, *([f"--signal=USR1@{grace}"] if grace else [])]
+    argv += ["--propagate", *srun_opts]
+    # No --signal here: srun applies it only to an allocation it creates, not to a step inside
+    # salloc's, and salloc's would signal every step (the cluster daemons too). An interactive
+    # job warns itself instead (toksearch_launch.pipeline.stopping.arm_self_warning).
     return argv + list(command)
 
 

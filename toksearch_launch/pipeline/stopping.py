@@ -1,7 +1,8 @@
 """Stopping a run cleanly: Slurm's warning signal before the time limit, or scancel.
 
-The launcher asks Slurm for SIGUSR1 ``GRACE`` seconds before the limit
-(``--signal=B:USR1@GRACE`` / ``--signal=USR1@GRACE``). On it the driver stops
+In batch mode the launcher asks Slurm for SIGUSR1 ``GRACE`` seconds before the
+limit (``--signal=B:USR1@GRACE``); an interactive job sends it to itself with a
+timer set from the job's end time (:func:`arm_self_warning`). On it the driver stops
 scheduling partitions, lets the running ones finish until the grace is nearly
 gone (the job's end time, read from ``scontrol``, minus a teardown margin),
 abandons the rest, writes the manifest, stops the cluster, requeues the job
@@ -92,22 +93,55 @@ def grace_seconds() -> float:
     return float(cfg.site.stop_grace) if cfg is not None else 120.0
 
 
-def job_end_time(job_id: Optional[str] = None) -> Optional[float]:
-    """The job's EndTime from scontrol (seconds since the epoch), None outside Slurm."""
+def job_times(job_id: Optional[str] = None) -> Dict[str, float]:
+    """The job's StartTime and EndTime from scontrol (seconds since the epoch); empty outside Slurm."""
     job_id = job_id or os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        return None
+        return {}
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {}
+    times: Dict[str, float] = {}
     for field in out.split():
-        if field.startswith("EndTime="):
+        key, _, value = field.partition("=")
+        if key in ("StartTime", "EndTime"):
             try:
-                return time.mktime(time.strptime(field[8:], "%Y-%m-%dT%H:%M:%S"))
+                times[key] = time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
             except ValueError:
-                return None
-    return None
+                pass
+    return times
+
+
+def job_end_time(job_id: Optional[str] = None) -> Optional[float]:
+    return job_times(job_id).get("EndTime")
+
+
+def self_warning_delay(start: float, end: float, now: float, stop_grace: float) -> Optional[float]:
+    """Seconds from ``now`` until the warning: ``stop_grace`` before the end, at most half the limit."""
+    if stop_grace <= 0 or end <= start:
+        return None
+    grace = min(stop_grace, (end - start) / 2)
+    return max(0.0, end - grace - now)
+
+
+def arm_self_warning() -> Optional[threading.Timer]:
+    """Interactive jobs warn themselves: a timer sends this process SIGUSR1 GRACE seconds before
+    the job's end time (Slurm's ``--signal`` reaches a step only through an allocation srun
+    made itself, and salloc's would also hit the cluster daemons' steps)."""
+    cfg = _job_config()
+    if cfg is None or cfg.mode != "interactive" or cfg.site.scheduler != "slurm":
+        return None
+    times = job_times()
+    if "StartTime" not in times or "EndTime" not in times:
+        return None
+    delay = self_warning_delay(times["StartTime"], times["EndTime"], time.time(), float(cfg.site.stop_grace))
+    if delay is None:
+        return None
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _on_usr1(signum: int, frame: Any) -> None:
@@ -139,6 +173,7 @@ def install_job_handlers() -> None:
         return
     _installed[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _on_usr1)
     _installed[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_term)
+    arm_self_warning()
 
 
 def refuse(message: str) -> None:
