@@ -76,4 +76,9 @@ def assert_same_records(got, want) -> None:
     for g, w in zip(got, want):
         assert g.keys() == w.keys(), (g["shot"], sorted(g), sorted(w))
         for key in w:
+            if key == "errors":  # tracebacks name files as each process loaded them: compare what failed and why
+                g_err, w_err = (({k: {f: v[f] for f in ("label", "type", "message")} for k, v in r[key].items()})
+                                for r in (g, w))
+                assert g_err == w_err, (g["shot"], g_err, w_err)
+                continue
             assert same_value(g[key], w[key]), (g["shot"], key, g[key], w[key])
