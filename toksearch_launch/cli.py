@@ -278,7 +278,7 @@ def _shown_script(script: str) -> str:
     """The batch script as printed: the options and COMMAND of its ``#SBATCH`` and ``exec`` lines redacted."""
     import shlex
 
-    from toksearch_launch.plan import display
+    from toksearch_launch.procutil import display
 
     lines = []
     for line in script.splitlines():
@@ -291,7 +291,7 @@ def _shown_script(script: str) -> str:
 
 def shown_override(override: str) -> str:
     """An override as printed (progress lines, table): secret-looking options in its list redacted."""
-    from toksearch_launch.cluster.procs import redact
+    from toksearch_launch.procutil import redact
 
     key, eq, value = override.partition("=")
     if not eq:

@@ -4,7 +4,7 @@ Nothing here runs a program or reads the environment: everything the plan depend
 on (is stdin a terminal, is DISPLAY set, which Slurm version) comes in as
 :class:`Facts`, so every plan is testable without SLURM. The commands are lists of
 strings, never shell strings; ``shlex`` quoting appears only in the batch script
-(a file bash reads) and in :func:`display`.
+(a file bash reads) and in :func:`toksearch_launch.procutil.display`.
 """
 
 from __future__ import annotations
@@ -143,16 +143,6 @@ def stop_signal_grace(cfg: DictConfig, options: Sequence[str]) -> Optional[int]:
     if limit:
         grace = min(grace, limit / 2)
     return max(1, int(grace))
-
-
-def display(argv: Sequence[str]) -> str:
-    """The command line as a user would type it, secrets redacted (for printing only).
-
-    The cluster's redaction, imported here when first printed: the cluster package costs
-    start-up time that a plan alone does not need."""
-    from toksearch_launch.cluster.procs import display as redacted_display
-
-    return redacted_display(argv)
 
 
 def _is_x11(option: str) -> bool:

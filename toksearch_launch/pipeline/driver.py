@@ -28,31 +28,21 @@ OnDone = Callable[[int, int, int], None]
 
 
 class Executor(Protocol):
-    """Runs partitions somewhere; returns their results in partition order (all at the end)."""
-
-    def run(self, chunks: List[List[Item]], on_done: OnDone) -> List[PartitionResult]: ...
-
-
-class StreamingExecutor(Protocol):
     """Runs partitions somewhere and yields each as it finishes, so the driver stores it at once.
 
     ``results`` yields ``(index into chunks, result)`` in completion order. It
     submits no new partition once ``stop.requested``; it keeps yielding the running
-    ones until ``stop.abandon_now()``, then cancels them and returns. An executor
-    with only ``run`` still works: its partitions are stored when the batch ends.
+    ones until ``stop.abandon_now()``, then cancels them and returns.
     """
 
     def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]: ...
 
 
-def finished_partitions(executor: Any, chunks: List[List[Item]], stop: Any, on_done: OnDone) -> Iterator[Tuple[int, PartitionResult]]:
-    """Each finished partition of ``chunks`` as (index, result), from either kind of executor."""
-    if hasattr(executor, "results"):
-        for index, result in executor.results(chunks, stop):
-            on_done(result[1].records_in, result[1].records_with_errors, result[1].where_errors)
-            yield index, result
-        return
-    yield from enumerate(executor.run(chunks, on_done))
+def finished_partitions(executor: Executor, chunks: List[List[Item]], stop: Any, on_done: OnDone) -> Iterator[Tuple[int, PartitionResult]]:
+    """Each finished partition of ``chunks`` as (index, result), reported to ``on_done`` as it comes."""
+    for index, result in executor.results(chunks, stop):
+        on_done(result[1].records_in, result[1].records_with_errors, result[1].where_errors)
+        yield index, result
 
 
 def partitions_per_cpu() -> int:
@@ -128,7 +118,7 @@ class Progress:
 
 
 def drive(
-    executor: Any,
+    executor: Executor,
     records: Sequence[Item],
     *,
     backend: str,
