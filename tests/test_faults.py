@@ -347,7 +347,8 @@ def blocked_modules_env(tmp_path: Path, *modules: str) -> dict:
     return {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-@pytest.mark.parametrize("backend, module, extra", [("ray", "ray", "ray"), ("spark", "pyspark", "spark")])
+@pytest.mark.parametrize("backend, module, extra", [("ray", "ray", "ray"), ("spark", "pyspark", "spark"),
+                                                    ("dask", "distributed", "dask")])
 def test_eager_backend_not_installed_is_one_line_before_any_allocation(tmp_path, standin_path, backend, module, extra):
     env = {**standin_path, **blocked_modules_env(tmp_path, module)}
     work = tmp_path / "work"
@@ -372,6 +373,23 @@ def test_engine_require_names_the_extra(tmp_path):
     assert result.stdout.splitlines() == [
         "MISSING backend=ray needs the ray package, which is not installed here: pip install 'toksearch_launch[ray]'",
         "IMPORTED False"]
+
+
+@pytest.mark.parametrize("method, module, extra", [("compute_ray", "ray", "ray"), ("compute_spark", "pyspark", "spark"),
+                                                  ("compute_dask", "distributed", "dask")])
+def test_compute_without_its_engine_names_the_extra(tmp_path, method, module, extra):
+    """Issue 11.9: compute_ray()/compute_spark() after a plain pip install ended in ModuleNotFoundError."""
+    code = ("from toksearch_launch import Pipeline\n"
+            "from toksearch_launch.engines import EngineMissing\n"
+            "p = Pipeline([1, 2])\n"
+            f"try:\n    p.{method}()\nexcept EngineMissing as e:\n    print('MISSING', e)\n")
+    env = {**os.environ, **blocked_modules_env(tmp_path, module)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    backend = method.removeprefix("compute_")
+    assert result.stdout.splitlines() == [
+        f"MISSING backend={backend} needs the {module} package, which is not installed here: "
+        f"pip install 'toksearch_launch[{extra}]'"]
 
 
 # --- item 10: nothing left behind ----------------------------------------------------------------

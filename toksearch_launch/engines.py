@@ -1,6 +1,6 @@
 """Optional cluster engines: the module each needs and the extra that installs it.
 
-A plain ``pip install toksearch_launch`` has neither Ray nor PySpark. The CLI checks
+A plain ``pip install toksearch_launch`` has neither Ray, PySpark nor Dask. The CLI checks
 with :func:`missing` before it allocates anything (``backend.start=eager``); code in
 the job calls :func:`require` before it imports an engine, so the user reads one line
 naming the extra instead of a ``ModuleNotFoundError`` traceback. Neither function
@@ -22,6 +22,7 @@ class Engine(NamedTuple):
 ENGINES: Dict[str, Engine] = {
     "ray": Engine("ray", "ray"),
     "spark": Engine("pyspark", "spark"),
+    "dask": Engine("distributed", "dask"),
 }
 
 

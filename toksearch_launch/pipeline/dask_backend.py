@@ -10,10 +10,12 @@ Batching, partitions and the summary come from the shared driver loop.
 from __future__ import annotations
 
 import pickle
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+import threading
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from toksearch_launch.cluster import job_cluster
-from toksearch_launch.pipeline.driver import PartitionResult, drive
+from toksearch_launch.engines import require as require_engine
+from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
@@ -22,8 +24,6 @@ from toksearch_launch.pipeline.store import AUTO, resolve_store
 #: A pickled pipeline larger than this is scattered to the workers once instead of
 #: travelling inside every task.
 INLINE_LIMIT = 64 * 1024
-#: Seconds between checks of a stop request while waiting for partitions.
-POLL_S = 0.5
 
 
 def _dask_partition(payload: bytes, chunk: List[Any]) -> Tuple[List[dict], RunStats]:
@@ -42,35 +42,29 @@ class DaskExecutor:
         self.ops: Any = payload if len(payload) <= INLINE_LIMIT else client.scatter(payload, broadcast=True)
 
     def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
-        """As Ray's executor: a window of submissions, each result fetched as it finishes; on a stop
-        no new submissions, and once the grace is gone the running ones are cancelled."""
-        from distributed import wait
+        """About one partition per worker thread in flight (plus a few queued), each fetched as it finishes."""
+        finished = threading.Event()  # set by each future as it finishes (distributed.wait needs a default client)
+
+        def submit(chunk: List[Item]) -> Any:
+            future = self.client.submit(_dask_partition, self.ops, chunk, pure=False)
+            future.add_done_callback(lambda _: finished.set())
+            return future
+
+        def wait_some(futures: List[Any], timeout: float) -> List[Any]:
+            done = [f for f in futures if f.done()]
+            if not done:
+                finished.wait(timeout)
+                finished.clear()
+                done = [f for f in futures if f.done()]
+            return done
+
+        def cancel(futures: List[Any]) -> None:
+            self.client.cancel(futures, force=True)
 
         window = self.num_cpus + max(1, self.num_cpus // 4)
-        pending = iter(enumerate(chunks))
-        running: Dict[str, Tuple[Any, int]] = {}
-        exhausted = False
-        while True:
-            while not exhausted and not stop.requested and len(running) < window:
-                task = next(pending, None)
-                if task is None:
-                    exhausted = True
-                    break
-                future = self.client.submit(_dask_partition, self.ops, task[1], pure=False)
-                running[future.key] = (future, task[0])
-            if not running:
-                return
-            try:
-                done = wait([f for f, _ in running.values()], timeout=POLL_S, return_when="FIRST_COMPLETED").done
-            except TimeoutError:
-                done = set()
-            if not done and stop.abandon_now():
-                self.client.cancel([f for f, _ in running.values()], force=True)
-                return
-            for future in done:
-                _, index = running.pop(future.key)
-                rows, stats = future.result()
-                yield index, (records_from_wire(rows), stats)
+        for index, future in in_flight(chunks, stop, window, submit, wait_some, cancel):
+            rows, stats = future.result()
+            yield index, (records_from_wire(rows), stats)
 
 
 def client_cpus(client: Any) -> Tuple[List[str], int]:
@@ -112,6 +106,7 @@ def compute_dask(
     """Use ``client`` / the job's cluster / the default client / a local cluster; close only what was made here."""
     if not records:
         return ResultSet([], None, {"backend": "dask"})
+    require_engine("dask")  # one line naming the extra, not a ModuleNotFoundError
     opened = resolve_store(store, ops, records)  # before the cluster starts: its stop signal counts too
     created = None
     cluster_cpus: Optional[int] = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from toksearch_launch.pipeline.ops import Item, RunStats
 from toksearch_launch.pipeline.record import Record
@@ -36,6 +36,45 @@ class Executor(Protocol):
     """
 
     def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]: ...
+
+
+#: Seconds between checks of a stop request while waiting for partitions.
+POLL_S = 0.5
+
+
+def in_flight(
+    chunks: Sequence[Any],
+    stop: Any,
+    window: int,
+    submit: Callable[[Any], Any],
+    wait_some: Callable[[List[Any], float], Iterable[Any]],
+    cancel: Callable[[List[Any]], None],
+) -> Iterator[Tuple[int, Any]]:
+    """The submission loop the cluster executors share: at most ``window`` partitions in
+    flight, each ``(index, handle)`` handed back as it finishes; on a stop nothing new is
+    submitted, and once its grace is gone the running ones are cancelled.
+
+    ``submit(chunk)`` returns a hashable handle (a Ray ref, a Dask or thread future),
+    ``wait_some(handles, timeout)`` the finished ones (none on a timeout) and
+    ``cancel(handles)`` abandons them."""
+    pending = iter(enumerate(chunks))
+    running: Dict[Any, int] = {}
+    exhausted = False
+    while True:
+        while not exhausted and not stop.requested and len(running) < window:
+            task = next(pending, None)
+            if task is None:
+                exhausted = True
+                break
+            running[submit(task[1])] = task[0]
+        if not running:
+            return
+        finished = list(wait_some(list(running), POLL_S))
+        if not finished and stop.abandon_now():
+            cancel(list(running))
+            return
+        for handle in finished:
+            yield running.pop(handle), handle
 
 
 def finished_partitions(executor: Executor, chunks: List[List[Item]], stop: Any, on_done: OnDone) -> Iterator[Tuple[int, PartitionResult]]:

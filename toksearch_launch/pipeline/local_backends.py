@@ -10,7 +10,7 @@ import pickle
 import queue
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
-from toksearch_launch.pipeline.driver import PartitionResult, drive
+from toksearch_launch.pipeline.driver import POLL_S, PartitionResult, drive
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
 from toksearch_launch.pipeline.store import AUTO, resolve_store
@@ -22,8 +22,6 @@ from toksearch_launch.pipeline.store import AUTO, resolve_store
 SERIAL_STORE_PART_RECORDS = 500
 SERIAL_MIN_PARTS = 20
 SERIAL_MAX_PARTS = 100
-#: Seconds between checks of a stop request while waiting for a partition.
-POLL_S = 0.5
 
 #: Upper bound of the automatic multiprocessing batch size (bounds a task's memory).
 MAX_AUTO_BATCH = 2000

@@ -8,13 +8,12 @@ import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from toksearch_launch.cluster import job_cluster
-from toksearch_launch.pipeline.driver import PartitionResult, drive
+from toksearch_launch.engines import require as require_engine
+from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
 
-#: Seconds between checks of a stop request while waiting for partitions.
-POLL_S = 0.5
 
 #: ray.init defaults for a local Ray (the caller's ray_init_kwargs win): no dashboard
 #: (faster start, fewer processes), no INFO chatter.
@@ -66,34 +65,23 @@ class RayExecutor:
         return task.remote(self.ops, chunk)
 
     def results(self, chunks: List[List[Any]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
-        """About one partition per CPU in flight (plus a few queued), each fetched as it finishes;
-        on a stop no new submissions, and once the grace is gone the running ones are cancelled."""
+        """About one partition per CPU in flight (plus a few queued), each fetched as it finishes."""
         import ray
 
-        window = self.num_cpus + max(1, self.num_cpus // 4)
-        pending = iter(enumerate(chunks))
-        running: Dict[Any, int] = {}
-        exhausted = False
-        while True:
-            while not exhausted and not stop.requested and len(running) < window:
-                task = next(pending, None)
-                if task is None:
-                    exhausted = True
-                    break
-                running[self._submit(task[1])] = task[0]
-            if not running:
-                return
-            ready, rest = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+        def wait_some(refs: List[Any], timeout: float) -> List[Any]:
+            ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
             if ready and rest:  # whatever else is done too, without waiting
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            if not ready and stop.abandon_now():
-                for ref in running:
-                    ray.cancel(ref, force=True)
-                return
-            for ref in ready:
-                index = running.pop(ref)
-                rows, stats = ray.get(ref)
-                yield index, (records_from_wire(rows), stats)
+            return ready
+
+        def cancel(refs: List[Any]) -> None:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+
+        window = self.num_cpus + max(1, self.num_cpus // 4)
+        for index, ref in in_flight(chunks, stop, window, self._submit, wait_some, cancel):
+            rows, stats = ray.get(ref)
+            yield index, (records_from_wire(rows), stats)
 
 
 def alive_nodes() -> Tuple[List[str], int]:
@@ -125,6 +113,7 @@ def compute_ray(
     """
     if not records:
         return RayRecordSet([], None, {"backend": "ray"})
+    require_engine("ray")  # one line naming the extra, not a ModuleNotFoundError
     opened = resolve_store(store, ops, records)  # before the cluster starts: its stop signal counts too
     import ray
 

@@ -10,14 +10,13 @@ import sys
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from toksearch_launch.cluster import job_cluster
-from toksearch_launch.pipeline.driver import PartitionResult, drive
+from toksearch_launch.engines import require as require_engine
+from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet, SparkRecordSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
 
-#: Seconds between checks of a stop request while waiting for partitions.
-POLL_S = 0.5
 
 def _spark_partition(broadcast: Any, chunks: Iterable[List[Item]]) -> Iterator[PartitionResult]:
     """A partition holds one chunk; it yields a single (records, stats). The steps come from a
@@ -49,27 +48,15 @@ class SparkExecutor:
             [(rows, stats)] = self.sc.runJob(rdd, func, [index])
             return index, (records_from_wire(rows), stats)
 
-        pending = iter(range(len(chunks)))
-        running: set = set()
-        exhausted = False
+        def wait_some(futures: List[Any], timeout: float) -> Any:
+            return concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)[0]
+
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.num_cpus)
         try:
-            while True:
-                while not exhausted and not stop.requested and len(running) < self.num_cpus:
-                    index = next(pending, None)
-                    if index is None:
-                        exhausted = True
-                        break
-                    running.add(pool.submit(one, index))
-                if not running:
-                    return
-                done, running = concurrent.futures.wait(running, timeout=POLL_S,
-                                                         return_when=concurrent.futures.FIRST_COMPLETED)
-                if not done and stop.abandon_now():
-                    self.sc.cancelAllJobs()
-                    return
-                for future in done:
-                    yield future.result()
+            for _, future in in_flight(list(range(len(chunks))), stop, self.num_cpus,
+                                       lambda index: pool.submit(one, index), wait_some,
+                                       lambda futures: self.sc.cancelAllJobs()):
+                yield future.result()
         finally:
             pool.shutdown(wait=not stop.requested, cancel_futures=True)
 
@@ -143,6 +130,7 @@ def compute_spark(
     """Use ``sc`` / the active context / the job's cluster / a local session; stop only a session made here."""
     if not records:
         return SparkRecordSet([], None, {"backend": "spark"})
+    require_engine("spark")  # one line naming the extra, not a ModuleNotFoundError
     opened = resolve_store(store, ops, records)  # before the cluster starts: its stop signal counts too
     from pyspark import SparkContext
 
