@@ -6,8 +6,10 @@
 
 On the node it: resolves the node's address when only the node knows it
 (``--interface``; replaces ``@NODE_IP@`` in the command), makes the 0700 temp
-dir, writes the secret file (0600) from the environment, checks the daemon's
-ports are free on this node (exit 75 with a clear message if not), prints one
+dir, writes the secret file (0600) from the environment, leases the daemon's ports on this node for its life (an flock per
+64-port slot in /tmp/toksearch-ports, :func:`~.ports.lease_ports`; the owner
+holds it on its own node) and checks they are free (exit 75 with a clear message
+if not), prints one
 line ``toksearch-node: host=... address=... step=JOB.STEP`` and starts the
 daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``)
 when the owner runs on this host (site=local: always; SLURM: the script's node):
@@ -36,8 +38,8 @@ from ..procutil import exit_status
 from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
 from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
-from .ports import busy_ports, expand_ports
-from .owner import owner_alive, set_parent_death_signal, watched_owner
+from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
+from .owner import OWNER_ENV, owner_alive, parse_owner, set_parent_death_signal, watched_owner
 from .procs import ENV_MARK, Session, terminate
 
 EXIT_PORTS_BUSY = 75
@@ -113,6 +115,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_private(secret_file, secret)
         wrote_secret = True
 
+    lease = None
+    if args.check_ports and not _owner_here(os.environ):  # on the owner's node the owner holds it
+        try:
+            lease = lease_ports(expand_ports(args.check_ports))  # held until this process exits
+        except PortsLeased as exc:
+            _say(f"ERROR: port {expand_ports(args.check_ports)[0]} is busy on {host}: {exc}")
+            _cleanup(args, secret_file if wrote_secret else None)
+            return EXIT_PORTS_BUSY
     busy = busy_ports(expand_ports(args.check_ports)) if args.check_ports else []
     if busy:
         _say(f"ERROR: port {busy[0]} is busy on {host} ({len(busy)} of the job's ports are taken)")
@@ -143,6 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
     remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
     _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone, presence=presence)
+    if lease is not None:
+        lease.release()  # only now: the daemon held these ports until its teardown
     if remaining:
         _say(f"ERROR: processes left on {host}: {sorted(remaining)}")
     else:
@@ -150,6 +162,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stop["signal"] or owner_gone:
         return 0
     return exit_status(rc)
+
+
+def _owner_here(env: "os._Environ[str]") -> bool:
+    """The cluster's owner runs on this node (it leased the block here itself)."""
+    parts = parse_owner(env.get(OWNER_ENV, ""))
+    return parts is not None and parts[0] == socket.gethostname()
 
 
 def _announce(root: str) -> Optional[int]:
