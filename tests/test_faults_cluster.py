@@ -156,3 +156,25 @@ def test_sigkill_of_the_owner_during_a_run_leaves_nothing(tmp_path: Path, backen
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+def test_two_clusters_started_at_once_get_disjoint_ports_5_times(tmp_path: Path) -> None:
+    """Two jobs' clusters on one node, started at the same instant, 5 times over: every start
+    finishes, and the two port sets (from each plan, and the block each logged) never meet."""
+    for round_ in range(5):
+        runs = [tmp_path / f"r{round_}-{k}" for k in range(2)]
+        owners = [subprocess.Popen([PY, "-c", OWNER_SCRIPT, "ray", "1", str(run), "stop"], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                  for run in runs]
+        outs = [o.communicate(timeout=300)[0] for o in owners]
+        ports = []
+        for o, out, run in zip(owners, outs, runs):
+            assert o.returncode == 0 and "STOPPED" in out, out[-2000:]
+            ready = next(ln for ln in out.splitlines() if ln.startswith("READY "))
+            planned = set(json.loads(ready.split(" ", 1)[1])["ports"])
+            logged = re.findall(r"ports (\d+)-(\d+):", (run / "logs" / "ray-cluster.log").read_text())
+            lo, hi = map(int, logged[-1])
+            assert planned <= set(range(lo, hi + 1))
+            ports.append(set(range(lo, hi + 1)))
+        print(f"\nround {round_}: blocks {min(ports[0])}-{max(ports[0])} and {min(ports[1])}-{max(ports[1])}")
+        assert not ports[0] & ports[1]
