@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from toksearch_launch.cluster.ports import (
-    LOCK_SLOT, PortsLeased, choose_block, lease_ports, lock_slots, release_block, slot_lock_path,
+    LOCK_SLOT, PortsLeased, node_lock_dir, choose_block, lease_ports, lock_slots, release_block, slot_lock_path,
 )
 
 
@@ -59,8 +59,8 @@ def test_a_block_leased_by_another_process_is_refused_until_it_exits(tmp_path) -
     lease = lease_ports(range(20099, 20200), lock_dir)
     assert len(lease.fds) == len(lock_slots(range(20099, 20200)))
     lease.release()
-    mode = os.stat(lock_dir).st_mode
-    assert stat.S_IMODE(mode) == 0o1777
+    assert stat.S_IMODE(os.stat(lock_dir).st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) != 0o1777  # only dirs it made
     assert stat.S_IMODE(os.stat(slot_lock_path(20000 // LOCK_SLOT, lock_dir)).st_mode) == 0o644
 
 
@@ -78,7 +78,7 @@ def test_a_refused_lease_holds_nothing(tmp_path) -> None:
 
 def test_choose_block_skips_a_block_another_process_leases(tmp_path) -> None:
     """fixed policy on a leased block: one clear error naming the lock."""
-    other = subprocess.Popen([sys.executable, "-c", HOLD, "31000", "31010", "/tmp/toksearch-ports"],
+    other = subprocess.Popen([sys.executable, "-c", HOLD, "31000", "31010", node_lock_dir()],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout is not None and other.stdout.readline().strip() == "HELD"

@@ -17,8 +17,8 @@ stays small); on site=local every node gets its own slot.
 A bind check alone reserves nothing (Ray binds its worker range only when a
 worker starts), so each job also *leases* its block on each node for its whole
 life: a non-blocking ``flock`` on one lock file per 64-port slot the block
-touches, in the node-local :data:`LOCK_DIR` (mode 1777, like /tmp; lock files
-0644) that every job of every user shares.  The owner holds the lease on its
+touches, in the node-local ``/tmp/toksearch-ports/<host>`` (mode 1777, like
+/tmp; lock files 0644) that every job of every user shares.  The owner holds the lease on its
 node, the step wrapper on every other node; the kernel drops a lock when its
 holder dies, so a lease can never outlive its job.
 """
@@ -236,7 +236,13 @@ def lock_slots(ports: "list[int] | range") -> list[int]:
     return sorted({p // LOCK_SLOT for p in ports})
 
 
-def slot_lock_path(slot: int, lock_dir: str = LOCK_DIR) -> str:
+def node_lock_dir() -> str:
+    """``LOCK_DIR/<hostname>``: per host, because nodes that share one /tmp (the CI cluster's
+    network namespaces) still have a port space each."""
+    return os.path.join(LOCK_DIR, socket.gethostname())
+
+
+def slot_lock_path(slot: int, lock_dir: str) -> str:
     start = slot * LOCK_SLOT
     return os.path.join(lock_dir, f"{start}-{start + LOCK_SLOT - 1}.lock")
 
@@ -262,11 +268,12 @@ class PortsLeased(ClusterError):
 
 
 def _lock_dir(lock_dir: str) -> None:
-    try:
-        os.mkdir(lock_dir, 0o1777)
-        os.chmod(lock_dir, 0o1777)  # whatever the umask: every user's jobs lock here
-    except FileExistsError:
-        pass
+    for d in (os.path.dirname(lock_dir), lock_dir):
+        try:
+            os.mkdir(d, 0o1777)
+            os.chmod(d, 0o1777)  # whatever the umask: every user's jobs lock here
+        except FileExistsError:
+            pass
 
 
 def _open_lock(path: str) -> int:
@@ -279,12 +286,13 @@ def _open_lock(path: str) -> int:
     return fd
 
 
-def lease_ports(ports: "list[int] | range", lock_dir: str = LOCK_DIR) -> PortLease:
+def lease_ports(ports: "list[int] | range", lock_dir: Optional[str] = None) -> PortLease:
     """Take every lock slot ``ports`` touch, without waiting; :class:`PortsLeased` if one is held.
 
     A lock dir we cannot use (not creatable, another user's files we cannot open)
     gives an empty lease: the bind check is then all there is, as before.
     """
+    lock_dir = lock_dir or node_lock_dir()
     fds: list[int] = []
     try:
         _lock_dir(lock_dir)
