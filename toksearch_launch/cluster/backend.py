@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 from .errors import ClusterError
+from .owner import OWNER_ENV, this_owner  # the probe child exits when its owner dies
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -164,7 +165,7 @@ class ChildProbe:
         try:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                env=env, start_new_session=True, text=True,
+                env={**env, OWNER_ENV: this_owner()}, start_new_session=True, text=True,
             )
         finally:
             if log_path is not None:

@@ -332,9 +332,12 @@ def _workers_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from .owner import exit_with_owner
+
     # python -m toksearch_launch.cluster.dask probe ADDRESS N PEM
     # python -m toksearch_launch.cluster.dask workers --count N ... -- DASK_WORKER_ARGV
     if len(sys.argv) == 5 and sys.argv[1] == "probe":
+        exit_with_owner()  # a probe whose owner died must not spin on
         sys.exit(_probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     if len(sys.argv) > 2 and sys.argv[1] == "workers" and "--" in sys.argv:
         sys.exit(_workers_main(sys.argv[2:]))

@@ -2,7 +2,8 @@
 
 Two launchers, chosen by ``site.scheduler``:
 
-* :class:`LocalLauncher`: each daemon is a process of this machine (site=local);
+* :class:`LocalLauncher`: each daemon is a process of this machine (site=local),
+  under the same step wrapper, which ties its life to its owner's;
 * :class:`SrunLauncher`: each daemon runs in a SLURM job step through the step
   wrapper (``python -m toksearch_launch.cluster.node``), which resolves what only
   the node knows, checks its ports, writes its secret file and owns the
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
 from .backend import NodeCommand, Role
+from .owner import OWNER_ENV, this_owner
 from .placement import placeholder_address
 from .ports import compress_ports
 from .procs import Daemon
@@ -64,7 +66,9 @@ class _SessionLauncher:
 
     def spawn(self, role: Role, env: dict[str, str]) -> list[Daemon]:
         out = self.daemons(role)
+        owner = this_owner()  # the wrapper stops its daemon once this process is gone
         for d in out:
+            d.env[OWNER_ENV] = owner
             d.spawn(env)
         return out
 
@@ -73,10 +77,24 @@ class _SessionLauncher:
 
 
 class LocalLauncher(_SessionLauncher):
-    """Daemons as processes of this machine; SIGTERM to stop, SIGKILL (by the caller) to force."""
+    """Daemons as processes of this machine, each under the step wrapper (which stops its
+    daemon when the owner dies, whatever killed it); SIGTERM to stop, SIGKILL (by the caller)
+    to force."""
+
+    def wrapper_argv(self, node: NodeCommand) -> list[str]:
+        """The wrapper's part (before ``--``); no port check: the owner checked and reserved the
+        whole block on this machine."""
+        wrapper = [sys.executable, "-m", WRAPPER_MODULE, "--root", self.plan.root, "--dir", node.node_dir]
+        return wrapper + (["--ip", node.address] if node.address else [])
 
     def daemons(self, role: Role) -> list[Daemon]:
-        return [_daemon(role, node, list(node.argv), dict(node.env)) for node in role.nodes]
+        """The daemons' own argv (the dry run shows them); each runs under the wrapper."""
+        out = []
+        for node in role.nodes:
+            d = _daemon(role, node, list(node.argv), dict(node.env))
+            d.wrapper = self.wrapper_argv(node)
+            out.append(d)
+        return out
 
     def watch(self, daemon: Daemon) -> None:
         pass

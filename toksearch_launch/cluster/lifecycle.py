@@ -22,9 +22,10 @@ from typing import Any, Optional
 from ..config import RUN_DIR_ENV, load_job_config, validate
 from . import hooks
 from .backend import foreign_env, get_backend, info_env
-from .dirs import make_private_dir, make_root, write_private
+from .dirs import TMP_PREFIX, make_private_dir, make_root, write_private
 from .errors import ClusterError, StartError
 from .launcher import Launcher, launcher_for
+from .owner import sweep_stale_roots, write_owner_file
 from .placement import describe_addresses, job_hosts
 from .plan import ClusterPlan, make_plan
 from .ports import release_block
@@ -228,12 +229,14 @@ class Cluster:
         """site=local: every daemon dir here. SLURM: the script's node is the head node, so the
         driver side lives here too; each step wrapper makes its own dir on its node."""
         self.roots.append(plan.root)
+        sweep_stale_roots(os.path.dirname(plan.root), TMP_PREFIX)  # dirs of owners killed before their stop
         if plan.scheduler == "local":
             make_root(plan.root)
             for d in plan.local_dirs():
                 make_private_dir(d)
         else:
             make_private_dir(plan.root)
+        write_owner_file(plan.root)
 
     def _spawn(self, role: Any, env: dict[str, str]) -> list[Daemon]:
         assert self.launcher is not None

@@ -6,10 +6,15 @@
 
 On the node it: resolves the node's address when only the node knows it
 (``--interface``; replaces ``@NODE_IP@`` in the command), makes the 0700 temp
-dir, writes the secret file (0600) from the environment, checks the daemon's
-ports are free on this node (exit 75 with a clear message if not), prints one
+dir, writes the secret file (0600) from the environment, leases the daemon's ports on this node for its life (an flock per
+64-port slot in /tmp/toksearch-ports, :func:`~.ports.lease_ports`; the owner
+holds it on its own node) and checks they are free (exit 75 with a clear message
+if not), prints one
 line ``toksearch-node: host=... address=... step=JOB.STEP`` and starts the
-daemon as its own session.  On SIGUSR1 (the launcher signals its local srun,
+daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``)
+when the owner runs on this host (site=local: always; SLURM: the script's node):
+by the parent-death signal and a poll of the owner's PID and create time, so a
+daemon outlives a killed owner by about a second.  On SIGUSR1 (the launcher signals its local srun,
 which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
 daemon's session with the package's one TERM -> grace -> KILL routine
 (:func:`~.procs.terminate`), removes the temp dir, and reports whether
@@ -19,6 +24,7 @@ anything remained.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import signal
@@ -32,10 +38,15 @@ from ..procutil import exit_status
 from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
 from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
-from .ports import busy_ports, expand_ports
+from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
+from .owner import OWNER_ENV, owner_alive, parse_owner, set_parent_death_signal, watched_owner
 from .procs import ENV_MARK, Session, terminate
 
 EXIT_PORTS_BUSY = 75
+#: seconds between two checks that the cluster's owner still lives
+OWNER_POLL = 0.5
+#: in the cluster's root: every wrapper of the root holds a shared flock on it
+WRAPPERS_LOCK = ".wrappers.lock"
 PREFIX = "toksearch-node:"
 
 
@@ -70,6 +81,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, on_signal)
+    owner = watched_owner(os.environ)
+    check_owner = {"now": False}
+    if owner is not None:
+        # the kernel's word when the owner is our parent (site=local); the poll below otherwise.
+        # SIGUSR2 only prompts a check: the signal also comes when the parent *thread* ends.
+        signal.signal(signal.SIGUSR2, lambda *_: check_owner.update(now=True))
+        if os.getppid() == owner[0]:
+            set_parent_death_signal(signal.SIGUSR2)
+        if not owner_alive(*owner):
+            _say(f"owner PID {owner[0]} is gone before the start on {host}")
+            return 1
 
     try:
         ip = args.ip or (interface_address(args.interface) if args.interface else None)
@@ -85,6 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for d in (args.root, args.dir):
         make_private_dir(d)
+    presence = _announce(args.root)
     secret_file = env.pop(SECRET_FILE_ENV, None)
     secret = env.pop(SECRET_VALUE_ENV, None)
     wrote_secret = False
@@ -92,6 +115,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_private(secret_file, secret)
         wrote_secret = True
 
+    lease = None
+    if args.check_ports and not _owner_here(os.environ):  # on the owner's node the owner holds it
+        try:
+            lease = lease_ports(expand_ports(args.check_ports))  # held until this process exits
+        except PortsLeased as exc:
+            _say(f"ERROR: port {expand_ports(args.check_ports)[0]} is busy on {host}: {exc}")
+            _cleanup(args, secret_file if wrote_secret else None)
+            return EXIT_PORTS_BUSY
     busy = busy_ports(expand_ports(args.check_ports)) if args.check_ports else []
     if busy:
         _say(f"ERROR: port {busy[0]} is busy on {host} ({len(busy)} of the job's ports are taken)")
@@ -104,30 +135,76 @@ def main(argv: Optional[list[str]] = None) -> int:
         _cleanup(args, secret_file if wrote_secret else None)
         return 128 + stop["signal"]
     child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    owner_gone = False
+    next_check = time.monotonic()
     while child.poll() is None and not stop["signal"]:
+        if owner is not None and (check_owner["now"] or time.monotonic() >= next_check):
+            check_owner["now"] = False
+            next_check = time.monotonic() + OWNER_POLL
+            if not owner_alive(*owner):
+                owner_gone = True
+                break
         time.sleep(0.1)
     rc = child.poll()
-    if rc is None:
+    if owner_gone:
+        _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")  # type: ignore[index]
+    elif rc is None:
         _say(f"signal {stop['signal']}: stopping session {child.pid}")
     # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
     remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
-    _cleanup(args, secret_file if wrote_secret else None)
+    _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone, presence=presence)
+    if lease is not None:
+        lease.release()  # only now: the daemon held these ports until its teardown
     if remaining:
         _say(f"ERROR: processes left on {host}: {sorted(remaining)}")
     else:
         _say(f"stopped on {host}; nothing left")
-    if stop["signal"]:
+    if stop["signal"] or owner_gone:
         return 0
     return exit_status(rc)
 
 
-def _cleanup(args: argparse.Namespace, secret_file: Optional[str]) -> None:
+def _owner_here(env: "os._Environ[str]") -> bool:
+    """The cluster's owner runs on this node (it leased the block here itself)."""
+    parts = parse_owner(env.get(OWNER_ENV, ""))
+    return parts is not None and parts[0] == socket.gethostname()
+
+
+def _announce(root: str) -> Optional[int]:
+    """Hold a shared lock on ``<root>/.wrappers.lock`` for the wrapper's life: the last wrapper
+    of a dead owner is the one that can then take it exclusively."""
+    try:
+        fd = os.open(os.path.join(root, WRAPPERS_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+    except OSError:
+        return None
+
+
+def _last_wrapper(fd: Optional[int]) -> bool:
+    """True if no other wrapper of this root still runs (each holds the shared lock)."""
+    if fd is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _cleanup(args: argparse.Namespace, secret_file: Optional[str], orphaned: bool = False,
+             presence: Optional[int] = None) -> None:
+    """Remove the daemon's dir and secret; the root too once empty, or (orphaned: its owner is
+    gone) once this is the last wrapper of the root."""
     shutil.rmtree(args.dir, ignore_errors=True)
     if secret_file:
         try:
             os.unlink(secret_file)
         except OSError:
             pass
+    if orphaned and _last_wrapper(presence):
+        shutil.rmtree(args.root, ignore_errors=True)  # the owner that would remove it is gone
     try:
         os.rmdir(args.root)  # only if empty: on the script's node the launcher still uses it
     except OSError:

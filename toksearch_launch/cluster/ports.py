@@ -13,11 +13,21 @@ at ``head_slot + k*S``.
 
 On SLURM the nodes are distinct hosts, so all nodes share one slot (the block
 stays small); on site=local every node gets its own slot.
+
+A bind check alone reserves nothing (Ray binds its worker range only when a
+worker starts), so each job also *leases* its block on each node for its whole
+life: a non-blocking ``flock`` on one lock file per 64-port slot the block
+touches, in the node-local ``/tmp/toksearch-ports/<host>`` (mode 1777, like
+/tmp; lock files 0644) that every job of every user shares.  The owner holds the lease on its
+node, the step wrapper on every other node; the kernel drops a lock when its
+holder dies, so a lease can never outlive its job.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import random
 import socket
 import threading
@@ -212,13 +222,108 @@ def auto_range() -> tuple[int, int]:
     return max(eph_hi + 1, 1024), 65536
 
 
-# Blocks taken by clusters of this process (two clusters in one process never overlap).
-_reserved: dict[int, int] = {}
+# ------------------------------------------------------------ leases between jobs
+
+#: Node-local, shared by every job of every user (like /tmp: sticky, world-writable).
+LOCK_DIR = "/tmp/toksearch-ports"
+#: Ports per lock file: a block leases every slot it touches.
+LOCK_SLOT = 64
+
+
+def lock_slots(ports: "list[int] | range") -> list[int]:
+    """The slot numbers (port // LOCK_SLOT) that ``ports`` touch: two port sets that share a
+    port always share a slot, so a lease on all slots excludes every overlap."""
+    return sorted({p // LOCK_SLOT for p in ports})
+
+
+def node_lock_dir() -> str:
+    """``LOCK_DIR/<hostname>``: per host, because nodes that share one /tmp (the CI cluster's
+    network namespaces) still have a port space each."""
+    return os.path.join(LOCK_DIR, socket.gethostname())
+
+
+def slot_lock_path(slot: int, lock_dir: str) -> str:
+    start = slot * LOCK_SLOT
+    return os.path.join(lock_dir, f"{start}-{start + LOCK_SLOT - 1}.lock")
+
+
+class PortLease:
+    """flocks held on lock files of one block; released by :meth:`release` or by process death."""
+
+    def __init__(self, fds: list[int], lock_dir: str) -> None:
+        self.fds = fds
+        self.lock_dir = lock_dir
+
+    def release(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)  # closing the only descriptor drops its flock
+            except OSError:
+                pass
+
+
+class PortsLeased(ClusterError):
+    """Another job holds (part of) the block on this node."""
+
+
+def _lock_dir(lock_dir: str) -> None:
+    for d in (os.path.dirname(lock_dir), lock_dir):
+        try:
+            os.mkdir(d, 0o1777)
+            os.chmod(d, 0o1777)  # whatever the umask: every user's jobs lock here
+        except FileExistsError:
+            pass
+
+
+def _open_lock(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o644)  # readable by other users' jobs whatever the umask
+    except OSError:
+        pass
+    return fd
+
+
+def lease_ports(ports: "list[int] | range", lock_dir: Optional[str] = None) -> PortLease:
+    """Take every lock slot ``ports`` touch, without waiting; :class:`PortsLeased` if one is held.
+
+    A lock dir we cannot use (not creatable, another user's files we cannot open)
+    gives an empty lease: the bind check is then all there is, as before.
+    """
+    lock_dir = lock_dir or node_lock_dir()
+    fds: list[int] = []
+    try:
+        _lock_dir(lock_dir)
+        for slot in lock_slots(ports):
+            fd = _open_lock(slot_lock_path(slot, lock_dir))
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                start = slot * LOCK_SLOT
+                raise PortsLeased(
+                    f"ports {start}-{start + LOCK_SLOT - 1} are reserved by another job on "
+                    f"{socket.gethostname()} ({slot_lock_path(slot, lock_dir)} is locked)"
+                ) from None
+    except PortsLeased:
+        PortLease(fds, lock_dir).release()
+        raise
+    except OSError:
+        PortLease(fds, lock_dir).release()
+        return PortLease([], lock_dir)
+    return PortLease(fds, lock_dir)
+
+
+# Blocks taken by clusters of this process (two clusters in one process never overlap),
+# each with its lease between jobs.
+_reserved: dict[int, tuple[int, PortLease]] = {}
 _reserved_lock = threading.Lock()
 
 
 def _overlaps(base: int, size: int) -> bool:
-    return any(base < b + s and b < base + size for b, s in _reserved.items())
+    return any(base < b + s and b < base + size for b, (s, _) in _reserved.items())
 
 
 def choose_block(
@@ -231,10 +336,11 @@ def choose_block(
     rng: Optional[random.Random] = None,
     attempts: int = 200,
 ) -> int:
-    """A free block of ``size`` ports; reserved in this process until :func:`release_block`.
+    """A free block of ``size`` ports; reserved in this process and leased on this node (see
+    :func:`lease_ports`) until :func:`release_block`.
 
-    auto: random base in :func:`auto_range` whose every port binds here (and not
-    one of ``avoid``, the bases that already failed).  fixed: ``fixed_base``,
+    auto: random base in :func:`auto_range` that no other job leases and whose every
+    port binds here (and not one of ``avoid``, the bases that already failed).  fixed: ``fixed_base``,
     which must be free.
     """
     rng = rng or random.SystemRandom()
@@ -247,15 +353,22 @@ def choose_block(
                     f"site.ports.policy=fixed: ports {fixed_base}-{fixed_base + size - 1} are already "
                     "used by another cluster of this process"
                 )
+            lease = PortLease([], LOCK_DIR)
             if check:
+                try:
+                    lease = lease_ports(range(fixed_base, fixed_base + size))
+                except PortsLeased as exc:
+                    raise ClusterError(f"site.ports.policy=fixed: {exc}; choose another site.ports.base "
+                                       "or policy=auto") from None
                 busy = busy_ports(list(range(fixed_base, fixed_base + size)))
                 if busy:
+                    lease.release()
                     raise ClusterError(
                         f"site.ports.policy=fixed: ports {_short(busy)} of the block "
                         f"{fixed_base}-{fixed_base + size - 1} are in use on {socket.gethostname()}; "
                         "choose another site.ports.base or policy=auto"
                     )
-            _reserved[fixed_base] = size
+            _reserved[fixed_base] = (size, lease)
             return fixed_base
         lo, hi = auto_range()
         if hi - lo < size:
@@ -264,16 +377,25 @@ def choose_block(
             base = rng.randrange(lo, hi - size)
             if base in avoid or _overlaps(base, size):
                 continue
-            if check and busy_ports(list(range(base, base + size))):
-                continue
-            _reserved[base] = size
+            lease = PortLease([], LOCK_DIR)
+            if check:
+                try:  # the lease first: a block another job holds may not be bound yet
+                    lease = lease_ports(range(base, base + size))
+                except PortsLeased:
+                    continue
+                if busy_ports(list(range(base, base + size))):
+                    lease.release()
+                    continue
+            _reserved[base] = (size, lease)
             return base
     raise ClusterError(f"found no free block of {size} ports in {lo}-{hi - 1} after {attempts} tries")
 
 
 def release_block(base: int) -> None:
     with _reserved_lock:
-        _reserved.pop(base, None)
+        taken = _reserved.pop(base, None)
+    if taken is not None:
+        taken[1].release()
 
 
 def _short(ports: list[int], limit: int = 8) -> str:

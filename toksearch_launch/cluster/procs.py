@@ -46,6 +46,8 @@ class Daemon:
     step_id: Optional[str] = None
     #: the daemon's own dir on its node
     node_dir: str = ""
+    #: site=local: the step wrapper's argv (before ``--``) that runs ``argv`` and ties it to its owner
+    wrapper: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -62,7 +64,7 @@ class Daemon:
             log.flush()
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
-                self.argv,
+                [*self.wrapper, "--", *self.argv] if self.wrapper else self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -294,6 +294,9 @@ def _probe_main(addr: str, expected: int) -> int:
 
 
 if __name__ == "__main__":  # python -m toksearch_launch.cluster.ray probe ADDRESS N
+    from .owner import exit_with_owner
+
+    exit_with_owner()  # a probe whose owner died must not spin on
     if len(sys.argv) == 4 and sys.argv[1] == "probe":
         sys.exit(_probe_main(sys.argv[2], int(sys.argv[3])))
     print("usage: python -m toksearch_launch.cluster.ray probe ADDRESS N", file=sys.stderr)

@@ -1,0 +1,165 @@
+"""A cluster's owner: the process that started it.  Every daemon and probe dies with it.
+
+The owner is named by ``host:pid:create_time`` (create_time tells a reused PID
+apart) in ``TOKSEARCH_CLUSTER_OWNER``, which every child of a cluster carries:
+the step wrapper around each daemon and the readiness probes.  A child on the
+owner's host watches it two ways: Linux's parent-death signal
+(``prctl(PR_SET_PDEATHSIG)``, immediate when the owner is its parent) and a
+poll of the owner's PID and create time (any parent, any platform).  The
+cluster's temp dir holds an owner file, so a later start can sweep the temp
+dirs of owners that are gone (only ours: our uid, our file, a dead owner).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+#: Env var every child of a cluster carries: ``host:pid:create_time`` of its owner.
+OWNER_ENV = "TOKSEARCH_CLUSTER_OWNER"
+#: File in a cluster's temp dir naming its owner (what the sweep reads).
+OWNER_FILE = ".toksearch-owner"
+#: create_time differences below this are rounding, not a reused PID.
+CREATE_TIME_SLACK = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+def process_create_time(pid: int) -> Optional[float]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def this_owner() -> str:
+    """The marker of this process as an owner."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{process_create_time(pid) or 0.0:.3f}"
+
+
+def parse_owner(marker: str) -> Optional[tuple[str, int, float]]:
+    """``host:pid:create_time`` -> its parts; None if malformed."""
+    host, _, rest = marker.rpartition(":")  # create_time
+    host, _, pid = host.rpartition(":")
+    try:
+        return host, int(pid), float(rest)
+    except ValueError:
+        return None
+
+
+def owner_alive(pid: int, create_time: float) -> bool:
+    """False once the process is gone, a zombie, or its PID now belongs to another process."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(p.create_time() - create_time) < CREATE_TIME_SLACK
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return True  # cannot tell (access denied): never tear down on a guess
+
+
+def marker_alive(marker: str) -> bool:
+    """True unless the owner named by ``marker`` is known to be gone (other hosts: True)."""
+    parts = parse_owner(marker)
+    if parts is None or parts[0] != socket.gethostname():
+        return True
+    return owner_alive(parts[1], parts[2])
+
+
+def watched_owner(env: "dict[str, str] | os._Environ[str]") -> Optional[tuple[int, float]]:
+    """(pid, create_time) of the owner in ``env`` if it runs on this host (only then can it be watched)."""
+    parts = parse_owner(env.get(OWNER_ENV, ""))
+    if parts is None or parts[0] != socket.gethostname():
+        return None
+    return parts[1], parts[2]
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: ask the kernel to send ``sig`` when our parent dies.  False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def exit_with_owner(interval: float = 0.5) -> None:
+    """A probe child: exit at once when its owner dies (parent-death signal + a poll thread)."""
+    owner = watched_owner(os.environ)
+    if owner is None:
+        return
+    pid, ctime = owner
+    if os.getppid() == pid:
+        set_parent_death_signal(signal.SIGKILL)
+    if not owner_alive(pid, ctime):
+        os._exit(1)
+
+    def poll() -> None:
+        while owner_alive(pid, ctime):
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=poll, daemon=True, name="owner-watch").start()
+
+
+# ------------------------------------------------------------ temp dir sweep
+
+
+def write_owner_file(root: str) -> None:
+    """Name this process as the owner of the temp dir ``root`` (the sweep reads it)."""
+    parts = parse_owner(this_owner())
+    assert parts is not None
+    host, pid, ctime = parts
+    path = os.path.join(root, OWNER_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"host": host, "pid": pid, "create_time": ctime}).encode())
+    finally:
+        os.close(fd)
+
+
+def stale_owner(root: Path) -> bool:
+    """True only if ``root`` is our dir (uid), carries our owner file, and that owner is gone."""
+    try:
+        st = root.lstat()
+        fst = (root / OWNER_FILE).lstat()
+    except OSError:
+        return False
+    uid = os.getuid()
+    if not (root.is_dir() and not root.is_symlink() and st.st_uid == uid and fst.st_uid == uid):
+        return False
+    try:
+        info = json.loads((root / OWNER_FILE).read_text())
+        host, pid, ctime = str(info["host"]), int(info["pid"]), float(info["create_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return host == socket.gethostname() and not owner_alive(pid, ctime)
+
+
+def sweep_stale_roots(tmp_base: str, prefix: str) -> list[str]:
+    """Remove ``<tmp_base>/<prefix>*`` dirs whose owner is gone; the removed paths."""
+    removed = []
+    try:
+        entries = list(Path(tmp_base).glob(prefix + "*"))
+    except OSError:
+        return removed
+    for root in entries:
+        if stale_owner(root):
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(str(root))
+    return removed
