@@ -22,7 +22,8 @@ from .backend import ChildProbe, NodeCommand, Role, probe_say, python_module
 from .dirs import write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
-from .resources import gigabytes, option_value, parse_bytes, shm_bytes, total_memory
+from .resources import (dry_run_shown, gigabytes, option_value, parse_bytes, ray_allocation_flags, shm_bytes,
+                        total_memory)
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -85,6 +86,10 @@ def _node_flags(plan: "ClusterPlan", index: int) -> list[str]:
         store, memory = local_ray_memory(plan.n_nodes)
         flags += ["--num-cpus", str(plan.cpus_per_node), "--object-store-memory", str(store),
                   "--memory", str(memory)]
+    else:  # SLURM: the node's allocation, filled in by its step wrapper; the user's option wins
+        opts = plan.cfg.ray.master.start if index == 0 else plan.cfg.ray.worker.start
+        shown = dry_run_shown(plan.hosts[index]) if plan.dry_run else str
+        flags += ray_allocation_flags(list(map(str, opts)), shown)
     return flags
 
 

@@ -24,6 +24,7 @@ from .backend import NodeCommand, Role
 from .dirs import make_private_dir, write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
+from .resources import dry_run_shown, spark_allocation_flags
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -102,6 +103,9 @@ def worker_argv(plan: "ClusterPlan", index: int) -> list[str]:
     ]
     if plan.scheduler == "local":
         argv += ["-c", str(plan.cpus_per_node)]
+    else:  # SLURM: the node's allocation, filled in by its step wrapper; the user's option wins
+        shown = dry_run_shown(plan.hosts[index]) if plan.dry_run else str
+        argv += spark_allocation_flags(list(map(str, plan.cfg.spark.worker.start)), shown)
     return argv + [*map(str, plan.cfg.spark.worker.start), master_url(plan)]
 
 
