@@ -184,3 +184,22 @@ def test_node_wrapper_fills_in_this_nodes_allocation(tmp_path):
     store, heap = int(got[7]), int(got[9])
     assert store + heap == 4096 * MB and store <= int(4096 * MB * 0.3)
     assert "from the allocation on" in out.stdout and "--num-cpus 3" in out.stdout
+
+
+# ------------------------------------------------------------------ the dry run's plain config
+
+
+@pytest.mark.parametrize("profile,backend", [("saga", "ray"), ("saga", "spark"), ("default", "dask"),
+                                             ("local", "ray"), ("local", "spark")])
+def test_dry_run_on_the_plain_config_equals_the_omegaconf_plan(tmp_path, profile, backend):
+    """plan_commands reads a plain copy of the config (fast at 1,000 nodes): same commands."""
+    from toksearch_launch.procutil import redact
+
+    cfg = site_cfg(profile, nodes=3, ray={"worker": {"start": ["--num-cpus=8"]}})
+    hosts = ["node1", "node2", "node3"]
+    direct = planmod.make_plan(backend, cfg, hosts, Path(cfg.site.tmp_base) / "run", dry_run=True)
+    assert plan_commands(backend, cfg, hosts) == [redact(d.argv) for d in launcher.daemons_of(direct)]
+    plain = planmod.plain_config(cfg)
+    assert plain.site.address.method == cfg.site.address.method and plain["ray"].worker.start == ["--num-cpus=8"]
+    with pytest.raises(AttributeError):
+        plain.site.no_such_key

@@ -9,6 +9,7 @@ while the parent keeps watching the daemons for an early exit.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -40,6 +41,7 @@ PORTS = PortLayout(
 )
 
 
+@functools.lru_cache(maxsize=1)  # once per process: the dry run asks per node
 def ray_executable() -> str:
     """The venv's ``ray`` script next to the running interpreter (same Ray as the driver)."""
     cand = Path(sys.executable).with_name("ray")

@@ -10,6 +10,7 @@ would put it on the driver JVM's argv).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -46,6 +47,7 @@ def pyspark_home() -> Optional[str]:
     return list(spec.submodule_search_locations)[0]
 
 
+@functools.lru_cache(maxsize=1)  # once per process: the dry run asks per node
 def spark_class() -> tuple[str, Optional[str]]:
     """(spark-class path, SPARK_HOME to set).
 
