@@ -203,3 +203,24 @@ def test_dry_run_on_the_plain_config_equals_the_omegaconf_plan(tmp_path, profile
     assert plain.site.address.method == cfg.site.address.method and plain["ray"].worker.start == ["--num-cpus=8"]
     with pytest.raises(AttributeError):
         plain.site.no_such_key
+
+
+# ------------------------------------------------------------------ pre-flight on each node
+
+
+def test_node_problems_name_the_node():
+    assert res.node_problems(["ray", "--object-store-memory", "5000"], shm_total=10 ** 4, host="n2") == []
+    (msg,) = res.node_problems(["ray", "--object-store-memory=9e15"], shm_total=10 ** 9, host="n2")
+    assert "larger than /dev/shm on n2" in msg and "9000000.0 GB" in msg
+    assert res.node_problems(["spark-class", "-m", "2G"], shm_total=10 ** 9, host="n2") == []
+
+
+def test_node_wrapper_refuses_an_object_store_its_shm_cannot_hold(tmp_path):
+    root = tmp_path / "tsl-shm"
+    out = subprocess.run(
+        [sys.executable, "-m", "toksearch_launch.cluster.node", "--root", str(root), "--dir", str(root / "r1"),
+         "--ip", "127.0.0.9", "--", sys.executable, "-c", "print('STARTED')", "--object-store-memory=9e15"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "STARTED" not in out.stdout and not root.exists()  # nothing started, nothing made
+    assert "toksearch-node: ERROR on " in out.stdout and "larger than /dev/shm" in out.stdout

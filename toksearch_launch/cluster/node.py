@@ -34,7 +34,7 @@ from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
 from .ports import busy_ports, expand_ports
 from .procs import ENV_MARK, Session, terminate
-from .resources import fill_node_values, this_node_values
+from .resources import fill_node_values, node_problems, shm_bytes, this_node_values
 
 EXIT_PORTS_BUSY = 75
 PREFIX = "toksearch-node:"
@@ -82,6 +82,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     filled = fill_node_values(cmd, this_node_values())  # this node's CPUs, memory, GPUs, /dev/shm
     allocation = [f"{cmd[i - 1]} {new}" for i, new in enumerate(filled) if i and new != cmd[i]]
     cmd = filled
+    problems = node_problems(cmd, shm_bytes(), host)
+    if problems:  # before anything is made on the node; the launcher shows this line and the node
+        _say(f"ERROR on {host}: {'; '.join(problems)}")
+        return 1
     env = dict(os.environ)
     env[ENV_MARK] = args.dir  # teardown finds this daemon's processes by it, on this node only
     if args.ip_env and ip:

@@ -225,3 +225,13 @@ def allocated_memory(env: dict, cpus: int) -> Optional[int]:
         return per_node * MB
     per_cpu = _int(env.get("SLURM_MEM_PER_CPU"))
     return per_cpu * cpus * MB if per_cpu and per_cpu > 0 else None
+
+
+def node_problems(argv: list[str], shm_total: Optional[int], host: str) -> list[str]:
+    """Pre-flight on the daemon's own node: an explicit Ray object store that its /dev/shm
+    cannot hold (the allocation's own value is bounded by the free /dev/shm already)."""
+    store = parse_bytes(option_value(argv, "--object-store-memory"))
+    if store and shm_total and store > shm_total:
+        return [f"the Ray object store asked ({gigabytes(store)}) is larger than /dev/shm on {host} "
+                f"({gigabytes(shm_total)}): lower --object-store-memory in ray.master.start / ray.worker.start"]
+    return []
