@@ -239,7 +239,8 @@ def test_spark_commands_slurm(tmp_path, monkeypatch):
     w = ds[2].argv
     wt = w[w.index("--") + 1:]
     assert wt[1:4] == ["org.apache.spark.deploy.worker.Worker", "--host", "10.1.0.1"]
-    assert wt[-5:] == ["-c", "48", "-m", "149G", f"spark://10.1.0.10:{plan.ports.head['master']}"]
+    # -c and -m: the node's allocation, filled in by its step wrapper (saga no longer hard-codes 48 and 149G)
+    assert wt[-5:] == ["-c", "@NODE_CPUS@", "-m", "@NODE_SPARK_MEMORY@", f"spark://10.1.0.10:{plan.ports.head['master']}"]
     assert w[w.index("--ip-env") + 1] == "SPARK_LOCAL_IP" and "--check-ports" in w and ["--ip", "10.1.0.1"] == w[w.index("--ip"):w.index("--ip") + 2]
     # the master and the worker on n10 never share a dir (each wrapper removes its own)
     assert ds[0].argv[ds[0].argv.index("--dir") + 1] != ds[1].argv[ds[1].argv.index("--dir") + 1]
@@ -326,7 +327,7 @@ def test_preflight_object_store_larger_than_shm(tmp_path, monkeypatch):
     plan = _plan("ray", cfg, ["local1", "local2"], tmp_path, monkeypatch)
     with pytest.raises(ClusterError, match="/dev/shm"):
         preflightmod.preflight("ray", cfg, plan)
-    cfg = site_cfg("saga", nodes=2)
+    cfg = site_cfg("saga", nodes=2, ray={"master": {"start": ["--object-store-memory=95000000000"]}})
     plan.scheduler = "slurm"
     monkeypatch.setattr(rayb, "shm_bytes", lambda: 10 ** 9)
     with pytest.raises(ClusterError, match="ray.master.start .*larger than /dev/shm"):

@@ -309,7 +309,9 @@ def test_extra_options_are_appended_after_the_sites(tmp_path, standin_path):
                      env={**standin_path, "DISPLAY": ":0"})
     assert result.returncode == 0, result.stderr
     assert "# run: salloc -N 2 --exclusive --gres=gpu:volta:1 --x11=all --time=1:00:00 srun" in result.stdout
-    assert "--object-store-memory=95000000000 --memory=80000000000 --num-cpus=8" in result.stdout  # in-job ray worker
+    # in-job ray worker: the allocation's values, except the CPUs the user set
+    assert ("--num-gpus '<gpus:node2>' --memory '<memory:node2>' --object-store-memory '<object-store:node2>' "
+            "--num-cpus=8 --block") in result.stdout
     assert "replaces" not in result.stdout
 
 

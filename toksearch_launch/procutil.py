@@ -7,6 +7,7 @@ child killed by a signal exits the same way everywhere.  Standard library only
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from typing import Iterable, Optional
@@ -14,6 +15,11 @@ from typing import Iterable, Optional
 #: Option names whose value is secret (user options may carry some): shown as <redacted>.
 _SECRET_FLAG = re.compile(r"(secret|token|password|passwd|credential)", re.I)
 REDACTED = "<redacted>"
+
+
+@functools.lru_cache(maxsize=4096)  # the same option names recur on every node's command
+def _secret_option(name: str) -> bool:
+    return _SECRET_FLAG.search(name) is not None
 
 
 def redact(argv: Iterable[str]) -> list[str]:
@@ -25,7 +31,7 @@ def redact(argv: Iterable[str]) -> list[str]:
             out.append(REDACTED)
             hide_next = False
             continue
-        if arg.startswith("-") and _SECRET_FLAG.search(arg.split("=", 1)[0]):
+        if arg.startswith("-") and _secret_option(arg.split("=", 1)[0]):
             if "=" in arg:
                 out.append(arg.split("=", 1)[0] + "=" + REDACTED)
             else:

@@ -151,10 +151,25 @@ CGCONF=$TSCI_CONF_DIR/cgroup.conf
 cpus=$(getconf _NPROCESSORS_ONLN)
 mem_mb=${TOKSEARCH_CI_SLURM_MEM_MB:-$(awk -v n="$TSCI_NODES" \
     '/^MemTotal:/ { m = int($2 / 1024 * 3 / 4 / n); if (m < 256) m = 256; print m }' /proc/meminfo)}
+# CPUs per node: distinct by default (node k has k+1: tsn1..tsn3 have 2, 3, 4), so that a
+# test reading a node's CPUs on the wrong node fails; more CPUs than the machine has is
+# fine with SlurmdParameters=config_overrides. TOKSEARCH_CI_SLURM_CPUS="2 2 2" (one per
+# node, in order) or "same" (every node: this machine's CPUs) sets them.
+read -r -a cpu_list <<<"${TOKSEARCH_CI_SLURM_CPUS:-}"
+node_cpus() {  # node_cpus K (1-based)
+    if [[ ${cpu_list[0]:-} == same ]]; then
+        echo "$cpus"
+    else
+        echo "${cpu_list[$1 - 1]:-$(($1 + 1))}"
+    fi
+}
 nodes_conf=$(
+    k=0
     for node in $(node_names); do
+        k=$((k + 1))
+        c=$(node_cpus "$k")
         printf 'NodeName=%s NodeAddr=%s NodeHostname=%s CPUs=%s Sockets=1 CoresPerSocket=%s ThreadsPerCore=1 RealMemory=%s State=UNKNOWN\n' \
-            "$node" "$(node_addr "$node")" "$node" "$cpus" "$cpus" "$mem_mb"
+            "$node" "$(node_addr "$node")" "$node" "$c" "$c" "$mem_mb"
     done
 )
 render() {

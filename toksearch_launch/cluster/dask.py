@@ -43,7 +43,7 @@ from .backend import ChildProbe, NodeCommand, Role, probe_say, python_module
 from .dirs import write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
-from .resources import allocated_cpus, total_memory
+from .resources import allocated_cpus, allocated_memory, total_memory
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -115,9 +115,12 @@ def worker_argv(plan: "ClusterPlan", index: int) -> list[str]:
         "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
         "--local-directory", f"{plan.node_dir(index)}/work", *_tls_flags(plan),
     ]
-    if plan.scheduler == "local":  # a share of this machine; SLURM: the node's memory
+    if plan.scheduler == "local":  # a share of this machine; SLURM: the node's allocation
         share = max(256 << 20, total_memory() // max(1, plan.n_nodes) // count)
         worker += ["--memory-limit", str(share)]
+    elif not plan.dry_run and (memory := allocated_memory(
+            os.environ, allocated_cpus().get(plan.hosts[index], count))):
+        worker += ["--memory-limit", str(max(256 << 20, memory // count))]
     return [
         *python_module("toksearch_launch.cluster.dask", "workers"), "--count", str(count),
         "--name", plan.hosts[index], "--host", ip, "--nanny-port", str(slot["min_nanny"]),

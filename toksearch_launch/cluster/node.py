@@ -41,6 +41,7 @@ from .placement import NODE_IP, interface_address
 from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
 from .owner import OWNER_ENV, owner_alive, parse_owner, set_parent_death_signal, watched_owner
 from .procs import ENV_MARK, Session, terminate
+from .resources import fill_node_values, node_problems, shm_bytes, this_node_values
 
 EXIT_PORTS_BUSY = 75
 #: seconds between two checks that the cluster's owner still lives
@@ -100,6 +101,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     if ip:
         cmd = [a.replace(NODE_IP, ip) for a in cmd]
+    filled = fill_node_values(cmd, this_node_values())  # this node's CPUs, memory, GPUs, /dev/shm
+    allocation = [f"{cmd[i - 1]} {new}" for i, new in enumerate(filled) if i and new != cmd[i]]
+    cmd = filled
+    problems = node_problems(cmd, shm_bytes(), host)
+    if problems:  # before anything is made on the node; the launcher shows this line and the node
+        _say(f"ERROR on {host}: {'; '.join(problems)}")
+        return 1
     env = dict(os.environ)
     env[ENV_MARK] = args.dir  # teardown finds this daemon's processes by it, on this node only
     if args.ip_env and ip:
@@ -131,6 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     step = f"{os.environ.get('SLURM_JOB_ID', '-')}.{os.environ.get('SLURM_STEP_ID', '-')}"
     _say(f"host={host} address={ip or '?'} step={step} pid={os.getpid()}")
+    if allocation:
+        _say(f"from the allocation on {host}: {' '.join(allocation)}")
     if stop["signal"]:
         _cleanup(args, secret_file if wrote_secret else None)
         return 128 + stop["signal"]

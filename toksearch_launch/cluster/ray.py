@@ -9,6 +9,7 @@ while the parent keeps watching the daemons for an early exit.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -22,7 +23,8 @@ from .backend import ChildProbe, NodeCommand, Role, probe_say, python_module
 from .dirs import write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
-from .resources import gigabytes, option_value, parse_bytes, shm_bytes, total_memory
+from .resources import (dry_run_shown, gigabytes, option_value, parse_bytes, ray_allocation_flags, shm_bytes,
+                        total_memory)
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -39,6 +41,7 @@ PORTS = PortLayout(
 )
 
 
+@functools.lru_cache(maxsize=1)  # once per process: the dry run asks per node
 def ray_executable() -> str:
     """The venv's ``ray`` script next to the running interpreter (same Ray as the driver)."""
     cand = Path(sys.executable).with_name("ray")
@@ -85,6 +88,10 @@ def _node_flags(plan: "ClusterPlan", index: int) -> list[str]:
         store, memory = local_ray_memory(plan.n_nodes)
         flags += ["--num-cpus", str(plan.cpus_per_node), "--object-store-memory", str(store),
                   "--memory", str(memory)]
+    else:  # SLURM: the node's allocation, filled in by its step wrapper; the user's option wins
+        opts = plan.cfg.ray.master.start if index == 0 else plan.cfg.ray.worker.start
+        shown = dry_run_shown(plan.hosts[index]) if plan.dry_run else str
+        flags += ray_allocation_flags(list(map(str, opts)), shown)
     return flags
 
 

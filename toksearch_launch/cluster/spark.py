@@ -10,6 +10,7 @@ would put it on the driver JVM's argv).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ from .backend import NodeCommand, Role
 from .dirs import make_private_dir, write_private
 from .ports import PortLayout
 from .procs import ENV_MARK
+from .resources import dry_run_shown, spark_allocation_flags
 
 if TYPE_CHECKING:
     from .plan import ClusterPlan
@@ -45,6 +47,7 @@ def pyspark_home() -> Optional[str]:
     return list(spec.submodule_search_locations)[0]
 
 
+@functools.lru_cache(maxsize=1)  # once per process: the dry run asks per node
 def spark_class() -> tuple[str, Optional[str]]:
     """(spark-class path, SPARK_HOME to set).
 
@@ -102,6 +105,9 @@ def worker_argv(plan: "ClusterPlan", index: int) -> list[str]:
     ]
     if plan.scheduler == "local":
         argv += ["-c", str(plan.cpus_per_node)]
+    else:  # SLURM: the node's allocation, filled in by its step wrapper; the user's option wins
+        shown = dry_run_shown(plan.hosts[index]) if plan.dry_run else str
+        argv += spark_allocation_flags(list(map(str, plan.cfg.spark.worker.start)), shown)
     return argv + [*map(str, plan.cfg.spark.worker.start), master_url(plan)]
 
 
