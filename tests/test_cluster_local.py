@@ -229,7 +229,7 @@ def test_ray_bad_worker_option_fails_fast_and_cleans_up(tmp_path):
 def test_worker_that_never_registers_fails_at_the_deadline(tmp_path):
     # the user's --address (last wins) aims the worker at a GCS that does not exist: it
     # retries forever, so only our deadline ends the start
-    cfg = default_local_config(nodes=2, site={"ready_timeout": 8},
+    cfg = default_local_config(nodes=2, site={"ready_timeout": 30},
                                ray={"worker": {"start": ["--address", "127.0.0.2:9"]}})
     c = Cluster("ray", cfg, run_dir=tmp_path)
     t = time.monotonic()
@@ -237,8 +237,8 @@ def test_worker_that_never_registers_fails_at_the_deadline(tmp_path):
         c.start()
     elapsed = time.monotonic() - t
     msg = str(err.value)
-    assert 8 <= elapsed < 25, elapsed
-    assert "1 of 2 nodes registered within site.ready_timeout=8 s" in msg
+    assert 30 <= elapsed < 60, elapsed  # the deadline, not the head (which may take >8 s on a busy 2-core machine)
+    assert "1 of 2 nodes registered within site.ready_timeout=30 s" in msg
     assert "ray-worker on node local2 never registered" in msg and "127.0.0.2:9" in msg
     nothing_left(c)
 
