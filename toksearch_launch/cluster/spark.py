@@ -34,6 +34,9 @@ NAME = "spark"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 PORTS = PortLayout(head=("master", "master_ui", "driver", "driver_block_manager"), node=("worker", "worker_ui"))
+#: The web UIs are not covered by spark.authenticate: whoever reaches one must not be able to
+#: kill an application or driver through it (the master UI's POST /app/kill, /driver/kill).
+UI_LOCKED = "-Dspark.ui.killEnabled=false"
 
 
 def pyspark_home() -> Optional[str]:
@@ -127,6 +130,7 @@ def driver_conf(plan: "ClusterPlan") -> dict[str, str]:
         "spark.driver.port": str(h["driver"]),
         "spark.driver.blockManager.port": str(h["driver_block_manager"]),
         "spark.ui.enabled": "false",
+        "spark.ui.killEnabled": "false",  # should a user turn the driver UI on
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
         "spark.local.dir": f"{plan.root}/driver",
@@ -228,9 +232,10 @@ class SparkBackend:
     def roles(self, plan: "ClusterPlan") -> tuple[Role, Role]:
         menv = _env_base(plan, 0, plan.master_dir)
         # REST submission off; a taken port fails the start instead of silently moving
-        menv["SPARK_MASTER_OPTS"] = (
-            "-Dspark.authenticate=true -Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0"
-        )
+        menv["SPARK_MASTER_OPTS"] = " ".join([
+            "-Dspark.authenticate=true -Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0",
+            UI_LOCKED, "-Dspark.master.ui.decommission.allow.mode=DENY",
+        ])
         h = plan.hosts[0]
         master = Role("spark-master", [NodeCommand(
             0, h, master_argv(plan), menv, plan.log_path("spark-master", h), plan.addresses[0],
@@ -238,7 +243,7 @@ class SparkBackend:
         nodes = []
         for i, host in enumerate(plan.hosts):
             wenv = _env_base(plan, i, plan.node_dir(i))
-            wenv["SPARK_WORKER_OPTS"] = "-Dspark.authenticate=true -Dspark.port.maxRetries=0"
+            wenv["SPARK_WORKER_OPTS"] = f"-Dspark.authenticate=true -Dspark.port.maxRetries=0 {UI_LOCKED}"
             wenv["SPARK_LOCAL_DIRS"] = f"{plan.node_dir(i)}/local"
             nodes.append(NodeCommand(
                 i, host, worker_argv(plan, i), wenv, plan.log_path("spark-worker", host), plan.addresses[i],
