@@ -331,6 +331,8 @@ class Cluster:
         parts = [f"{len(probe.alive)} of {probe.expected} {probe.unit} "
                  f"registered within site.ready_timeout={limit:g} s; not registered:"]
         parts += [d.failure("never registered") for d in missing] or ["(unknown nodes)"]
+        if probe.error:
+            parts.append(f"  the readiness probe's last error: {probe.error}")
         return "\n".join(parts)
 
     def _write_info(self) -> None:

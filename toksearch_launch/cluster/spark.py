@@ -153,6 +153,11 @@ def write_driver_conf(plan: "ClusterPlan") -> None:
     write_private(os.path.join(d, "spark-defaults.conf"), "\n".join(lines) + "\n")
 
 
+#: Reads the master's /json/ directly: HPC nodes often set http_proxy, and a proxy
+#: cannot reach (or misreports) a cluster-internal address.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class Probe:
     """Master RPC port answers (head up) -> master /json/ ALIVE with ``expected`` workers ALIVE."""
 
@@ -181,7 +186,7 @@ class Probe:
             except OSError:
                 return False
         try:
-            with urllib.request.urlopen(self.url, timeout=1.0) as resp:
+            with _DIRECT.open(self.url, timeout=1.0) as resp:
                 state = json.load(resp)
         except (OSError, ValueError) as exc:
             self.error = str(exc)
