@@ -62,13 +62,17 @@ def listening(pid: int) -> list[tuple[str, int]]:
         return []
 
 
-def session_pids(sids: set[int]) -> list[int]:
+def owned_by(owner_pid: int) -> list[int]:
+    """Every live process whose owner marker names ``owner_pid``: step wrappers, their daemons'
+    sessions, probes (the daemons run in sessions of their own under the wrappers)."""
+    from toksearch_launch.cluster.owner import OWNER_ENV
+
     out = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if os.getsid(p.pid) in sids:
+            if p.environ().get(OWNER_ENV, "").split(":")[1:2] == [str(owner_pid)]:
                 out.append(p.pid)
-        except OSError:
+        except (psutil.Error, OSError):
             pass
     return out
 
@@ -160,7 +164,7 @@ def test_ray_two_clusters_tasks_on_every_node_auth_and_teardown(tmp_path):
 
         # every port any of A's processes listens on is in A's block
         block = set(a.plan.ports.all_ports())
-        ports_seen = {port for pid in session_pids(set(a.started_pids)) for _, port in listening(pid)}
+        ports_seen = {port for pid in owned_by(os.getpid()) for _, port in listening(pid)}
         assert ports_seen and ports_seen <= block, sorted(ports_seen - block)
 
         # secrets: 0600 token file in a 0700 short temp dir, never on any argv, not in client_env
