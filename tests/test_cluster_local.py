@@ -356,8 +356,8 @@ def test_spark_executors_on_every_worker_auth_and_teardown(tmp_path):
 
         # daemon ports in the block; web UIs on the node address, not 0.0.0.0
         block = set(c.plan.ports.all_ports())
-        for d in c.daemons:
-            ls = listening(d.proc.pid)
+        for d in c.daemons:  # d.proc is the step wrapper; the JVM is its child (spark-class execs it)
+            ls = [conn for child in psutil.Process(d.proc.pid).children() for conn in listening(child.pid)]
             assert ls and {p for _, p in ls} <= block, (d.label, ls)
             assert all(ip.replace("::ffff:", "") == d.address for ip, _ in ls), (d.label, ls)
 
