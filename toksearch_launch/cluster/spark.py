@@ -280,8 +280,15 @@ class SparkBackend:
         """A SparkSession bound to the master; the secret reaches the driver JVM only via SPARK_CONF_DIR."""
         for k, v in cluster.client_env().items():
             os.environ[k] = v
+        from pyspark import SparkContext
         from pyspark.sql import SparkSession
 
+        if SparkContext._active_spark_context is None and SparkContext._gateway is not None:
+            # A driver JVM left by an earlier, stopped session never read this cluster's
+            # SPARK_CONF_DIR (its secret): launch a fresh one.
+            _shutdown_gateway()
+            SparkSession._instantiatedSession = None
+            SparkSession._activeSession = None
         builder = SparkSession.builder.master(cluster.address)
         builder = builder.appName(str(kwargs.pop("app_name", "toksearch")))
         for k, v in kwargs.items():
@@ -306,22 +313,28 @@ def disconnect(session: Any) -> None:
     try:
         session.stop()
     finally:
-        from pyspark import SparkContext
+        _shutdown_gateway()
 
-        gateway = SparkContext._gateway
-        SparkContext._gateway = None
-        SparkContext._jvm = None
-        if gateway is not None:
-            proc = getattr(gateway, "proc", None)
+
+def _shutdown_gateway() -> None:
+    """End this process's driver JVM, if any, so the next session launches a fresh one."""
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    SparkContext._gateway = None
+    SparkContext._jvm = None
+    if gateway is not None:
+        proc = getattr(gateway, "proc", None)
+        try:
+            gateway.shutdown()
+        except Exception:
+            pass
+        if proc is not None:
             try:
-                gateway.shutdown()
+                if proc.stdin:
+                    proc.stdin.close()  # the driver JVM exits when its stdin closes
+                proc.wait(timeout=5)
             except Exception:
-                pass
-            if proc is not None:
-                try:
-                    if proc.stdin:
-                        proc.stdin.close()  # the driver JVM exits when its stdin closes
-                    proc.wait(timeout=5)
-                except Exception:
-                    proc.kill()
-                    proc.wait()
+                proc.kill()
+                proc.wait()
+
