@@ -67,3 +67,16 @@ def pytest_runtest_setup(item):
         if os.environ.get("TOKSEARCH_REQUIRE_SLURM") == "1":
             pytest.fail(f"SLURM test cluster required but not usable: {problem}")
         pytest.skip(problem)
+
+
+@pytest.fixture(autouse=True)
+def _release_port_blocks():
+    """Plans made by unit tests reserve port blocks (and their flocks) in this process, as a
+    Cluster's plan does until the cluster stops; release what a test left, so that a later
+    test's fixed block is never refused by an earlier test's plan."""
+    from toksearch_launch.cluster import ports
+
+    before = set(ports._reserved)
+    yield
+    for base in set(ports._reserved) - before:
+        ports.release_block(base)
