@@ -1,19 +1,20 @@
-"""How start, teardown and the launcher's own cost grow with the node count (issue 12.4).
+"""How start, teardown, the launcher's own cost and throughput grow with the node count (issue 12.4).
 
-A start: for Ray and Spark at each node count (alternated within each repetition), one
-SLURM job (``salloc -N N --exclusive srun -N1 --overlap python bench/bench_scale.py job
-BACKEND``) starts the job's cluster and measures, on the script's node:
+Each measurement is one real job, ``toksearch_submit --config-dir tests/conf site=tsci -N N
+python bench/bench_scale.py job BACKEND`` on the SLURM test cluster (``ci/slurm/up.sh``;
+``TOKSEARCH_CI_SLURM_NODES=8`` for 8 nodes). Node counts and backends alternate within each
+repetition, so load drifts hit every configuration alike. In the job, on the script's node:
 
-* ready: from ``Cluster.start()`` to every node registered (the lifecycle's own timing);
-* launcher after ready: from all registered to ``start()`` returning (the program's start);
-* srun clients: ``srun`` processes under the job process while the cluster runs, and
-  their resident memory (RSS) in all;
-* teardown: ``stop()`` to nothing left (``Cluster.leftovers`` empty is checked).
+* ready: ``Cluster.start()`` to every node registered (the lifecycle's own timing);
+* launcher after ready: all registered to ``start()`` returning, i.e. to the program's start;
+* srun clients: ``srun`` processes under the script while the cluster runs (an srun's own
+  helper child is not a client), and their resident memory (RSS) in all;
+* throughput: the example's pipeline (``examples/toksearch_example.py``'s ``create_pipeline``
+  on SyntheticSignal with a per-fetch latency that imitates a server) in records/s;
+* teardown: ``stop()`` to nothing left (``Cluster.leftovers`` must be empty).
 
-Not yet measured (see docs/benchmarks.md): the example's throughput, and the plot.
-
-    .venv/bin/python bench/bench_scale.py [--nodes 1,2,3] [--backends ray,spark] [--repeat 3]
-    .venv/bin/python bench/bench_scale.py job ray      # inside a job (or site=local alone)
+    .venv/bin/python bench/bench_scale.py [--nodes 1,2,4,8] [--backends ray,spark] [--repeat 3]
+        [--shots 2000] [--latency 0.01] [--plot docs/bench_scale.png] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,89 +22,129 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SITE = ["--config-dir", str(REPO / "tests" / "conf"), "site=tsci"]
+METRICS = (("ready", "ready (s)", "{:.2f}"), ("after_ready", "launcher after ready (s)", "{:.3f}"),
+           ("srun_clients", "srun clients", "{:.0f}"), ("srun_rss_mb", "srun RSS (MB)", "{:.0f}"),
+           ("records_per_s", "example (records/s)", "{:.0f}"), ("teardown", "teardown (s)", "{:.2f}"))
 
 
-def job(backend: str) -> dict:
-    """In the job: start, count what runs on this node, stop."""
+def srun_clients(root) -> list:
+    """srun processes under ``root`` whose parent is not an srun (srun forks a helper of its own)."""
+    procs = [p for p in root.children(recursive=True) if p.name() == "srun"]
+    pids = {p.pid for p in procs}
+    return [p for p in procs if p.ppid() not in pids]
+
+
+def job(backend: str, shots: int, latency: float) -> dict:
+    """In the job: start the job's cluster, count what runs on this node, run the example, stop."""
     import psutil
 
-    from toksearch_launch.cluster import Cluster
+    sys.path.insert(0, str(REPO / "examples"))
+    from toksearch_example import create_pipeline
+
+    from toksearch_launch import SyntheticSignal
+    from toksearch_launch.cluster import job_cluster
 
     t0 = time.monotonic()
-    c = Cluster(backend).start()
+    cluster = job_cluster(backend)
     started = time.monotonic() - t0
-    me = psutil.Process()
-    sruns = [p for p in me.children(recursive=True) if p.name() == "srun"]
-    rss = sum(p.memory_info().rss for p in sruns if p.is_running())
-    c.stop()
-    return {"backend": backend, "nodes": len(c.node_addresses), "ready": c.timings["ready"],
-            "after_ready": started - c.timings["ready"], "srun_clients": len(sruns),
-            "srun_rss_mb": rss / 2 ** 20, "teardown": c.timings.get("stop"), "left": sorted(c.leftovers or [])}
+    clients = srun_clients(psutil.Process())
+    rss = sum(p.memory_info().rss for p in clients if p.is_running())
+    pipeline = create_pipeline(range(shots), SyntheticSignal("ipmhd", latency=latency))
+    t1 = time.monotonic()
+    result = getattr(pipeline, f"compute_{backend}")(store=None)
+    elapsed = time.monotonic() - t1
+    failed = sum(1 for rec in result if rec.errors)
+    if len(result) != shots or failed:
+        sys.exit(f"{backend}: {len(result)} records of {shots}, {failed} with errors")
+    cluster.stop()
+    return {"backend": backend, "nodes": len(cluster.node_addresses), "ready": cluster.timings["ready"],
+            "after_ready": started - cluster.timings["ready"], "srun_clients": len(clients),
+            "srun_rss_mb": rss / 2 ** 20, "records_per_s": shots / elapsed,
+            "teardown": cluster.timings.get("stop"), "left": sorted(cluster.leftovers or [])}
 
 
-def job_config(path: Path, nodes: int) -> Path:
-    from omegaconf import OmegaConf
+def run_job(backend: str, nodes: int, shots: int, latency: float) -> dict:
+    argv = [sys.executable, "-m", "toksearch_launch.cli", *SITE, f"nodes={nodes}", "interactive.salloc_extra=[--exclusive]",
+            sys.executable, str(Path(__file__).resolve()), "job", backend, str(shots), str(latency)]
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKSEARCH_CONFIG", "TOKSEARCH_RUN_DIR")}
+    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                         stdin=subprocess.DEVNULL)
+    found = re.search(r"^RESULT (.*)$", res.stdout, re.M)
+    if found is None:
+        sys.exit(f"{backend} on {nodes} nodes failed (exit {res.returncode}):\n{res.stdout[-1500:]}\n{res.stderr[-2500:]}")
+    row = json.loads(found.group(1))
+    if row["left"]:
+        sys.exit(f"{backend} on {nodes} nodes left processes running: {row['left']}")
+    return row
 
-    from toksearch_launch.cluster import default_local_config
 
-    cfg = default_local_config(
-        nodes=nodes, site={"name": "bench", "scheduler": "slurm", "address": {"method": "dns"}},
-        ray={"master": {"srun": ["--overlap"]}, "worker": {"srun": ["--overlap"]}},
-        spark={"master": {"srun": ["--overlap"]}, "worker": {"srun": ["--overlap"], "start": []}},
-    )
-    OmegaConf.save(cfg, path)
-    return path
+def table(rows: dict) -> list[str]:
+    head = "| backend | nodes | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS))]
+    for (backend, nodes), rs in rows.items():
+        cells = [fmt.format(statistics.median(r[key] for r in rs)) for key, _, fmt in METRICS]
+        lines.append(f"| {backend} | {nodes} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def run_job(backend: str, nodes: int, tmp: Path) -> dict:
-    run_dir = tmp / f"{backend}-{nodes}-{time.monotonic_ns()}"
-    run_dir.mkdir()
-    env = dict(os.environ, TOKSEARCH_CONFIG=str(job_config(run_dir / "toksearch.yaml", nodes)),
-               TOKSEARCH_RUN_DIR=str(run_dir))
-    res = subprocess.run(["salloc", f"-N{nodes}", "--exclusive", "srun", "-N1", "--overlap", sys.executable,
-                          str(Path(__file__).resolve()), "job", backend],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{backend} on {nodes} nodes failed (exit {res.returncode}); logs in {run_dir}/logs\n"
-                 f"{res.stderr[-2000:]}")
-    return json.loads(line[7:])
+def plot(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("ready", "after_ready", "srun_clients", "records_per_s")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, key in zip(axes, keys):
+        for backend in sorted({b for b, _ in rows}):
+            pts = sorted((n, statistics.median(r[key] for r in rs)) for (b, n), rs in rows.items() if b == backend)
+            ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=backend)
+        ax.set_xticks(sorted({n for _, n in rows}))
+        ax.set_xlabel("nodes")
+        ax.set_title(dict((k, t) for k, t, _ in METRICS)[key], fontsize=9)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "job":
-        print("RESULT " + json.dumps(job(sys.argv[2])), flush=True)
+    if len(sys.argv) == 5 and sys.argv[1] == "job":
+        print("RESULT " + json.dumps(job(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))), flush=True)
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--nodes", default="1,2,3")
+    ap.add_argument("--nodes", default="1,2,4,8")
     ap.add_argument("--backends", default="ray,spark")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--shots", type=int, default=2000)
+    ap.add_argument("--latency", type=float, default=0.01, help="seconds per fetch (imitates a server)")
+    ap.add_argument("--plot", default=None, help="write the growth plot (PNG) here")
+    ap.add_argument("--json", default=None, help="write every measurement here")
     args = ap.parse_args()
     counts = [int(n) for n in args.nodes.split(",")]
     backends = args.backends.split(",")
     rows: dict[tuple[str, int], list[dict]] = {(b, n): [] for b in backends for n in counts}
-    with tempfile.TemporaryDirectory(dir=REPO / ".") as tmp:  # on the shared filesystem
-        for _ in range(args.repeat):
-            for n in counts:
-                for b in backends:
-                    rows[(b, n)].append(run_job(b, n, Path(tmp)))
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}, "
-          f"{args.repeat} runs, medians")
-    print("| backend | nodes | ready (s) | launcher after ready (s) | srun clients | srun RSS (MB) | teardown (s) |")
-    print("|---|---|---|---|---|---|---|")
-    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-    for (b, n), rs in rows.items():
-        assert all(not r["left"] for r in rs), rs
-        print(f"| {b} | {n} | {med(rs, 'ready'):.2f} | {med(rs, 'after_ready'):.3f} | "
-              f"{med(rs, 'srun_clients'):.0f} | {med(rs, 'srun_rss_mb'):.0f} | {med(rs, 'teardown'):.2f} |")
+    for _ in range(args.repeat):
+        for n in counts:
+            for b in backends:
+                rows[(b, n)].append(run_job(b, n, args.shots, args.latency))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}, {args.repeat} runs each, medians; {args.shots} shots, "
+          f"{args.latency * 1000:.0f} ms per fetch")
+    print("\n".join(table(rows)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r for rs in rows.values() for r in rs], indent=1))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
