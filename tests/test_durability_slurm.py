@@ -84,7 +84,20 @@ def resume_and_check(tmp_path: Path, run_dir: Path, stored: int, total: int, wan
     return text
 
 
-def test_time_limit_stops_cleanly_then_resume_completes(tmp_path):
+REQUEUE_TOTAL = 400
+
+
+@pytest.fixture(scope="module")
+def requeue_job(tmp_path_factory):
+    """The requeue test's one submission, made when the time-limit test starts, so that the two
+    jobs' minutes of waiting on Slurm's clock run side by side (1 node beside that test's 2)."""
+    tmp = tmp_path_factory.mktemp("requeue")
+    job_id, run_dir = submit(tmp, "nodes=1", "batch.sbatch=[--time=2]", "batch.requeue=true",
+                             "site.stop_grace=30", *JOB, "serial", str(REQUEUE_TOTAL), "0.3")
+    return tmp, job_id, run_dir
+
+
+def test_time_limit_stops_cleanly_then_resume_completes(tmp_path, requeue_job):
     """2-minute limit, a Ray pipeline needing about 4: stopped on the warning, resumed, exact."""
     total = 960
     want = make_pipeline(total, 0.0).compute_serial(store=None)
@@ -130,12 +143,11 @@ def test_killed_mid_run_keeps_every_finished_partition(tmp_path, how):
     resume_and_check(tmp_path, run_dir, stored, total, want)
 
 
-def test_requeue_finishes_by_itself(tmp_path):
+def test_requeue_finishes_by_itself(requeue_job):
     """batch.requeue=true: one submission under a 2-minute limit requeues itself until done."""
-    total = 400
+    tmp_path, job_id, run_dir = requeue_job
+    total = REQUEUE_TOTAL
     want = make_pipeline(total, 0.0).compute_serial(store=None)
-    job_id, run_dir = submit(tmp_path, "nodes=1", "batch.sbatch=[--time=2]", "batch.requeue=true",
-                             "site.stop_grace=30", *JOB, "serial", str(total), "0.3")
     state = wait_for(lambda: job_field(job_id, "JobState") if job_field(job_id, "JobState") in FINAL - {"PREEMPTED"} else "",
                      1200, 2.0, f"job {job_id} to complete through its requeues")
     text = (run_dir / f"slurm-{job_id}.out").read_text()
