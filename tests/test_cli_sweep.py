@@ -151,3 +151,16 @@ def test_sweep_dir_from_the_command_line(tmp_path):
                      tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["0", "1"]
+
+
+def test_a_config_dir_site_whose_list_is_replaced_is_named_in_the_note(tmp_path, standin_path):
+    """The note composes the site again without the override: with the --config-dir search path too."""
+    (tmp_path / "conf" / "site").mkdir(parents=True)
+    (tmp_path / "conf" / "site" / "mine.yaml").write_text(
+        "# @package _global_\nsite:\n  name: mine\ninteractive:\n  salloc: [--partition=mine]\n  srun: []\n")
+    result = run_cli(["-d", "--config-dir", "conf", "site=mine", "site.slurm_version=22.05.8",
+                      "interactive.salloc=[--time=1:00:00]", "python", "x.py"], tmp_path, env=standin_path)
+    assert result.returncode == 0, result.stderr
+    assert ("# note: interactive.salloc=[...] replaces the site=mine options and drops --partition=mine "
+            "(to add options instead, use interactive.salloc_extra=[...])") in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]

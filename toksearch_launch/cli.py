@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from toksearch_launch.sweep import CFG_PARTS, INFO_TOPICS
+from toksearch_launch.sweep import CFG_PARTS, INFO_TOPICS, Job
 
 PROG = "toksearch_submit"
 EXIT_USAGE = 2
@@ -286,7 +286,6 @@ def _one_line(exc: BaseException) -> str:
 def _facts(cfg, cwd: str, dry_run: bool):
     """Gather what the plan depends on; the Slurm version from the config, else from srun."""
     from toksearch_launch.plan import Facts, parse_slurm_version
-    from toksearch_launch.run import slurm_version
 
     version = None
     if cfg.site.scheduler == "slurm":
@@ -295,6 +294,8 @@ def _facts(cfg, cwd: str, dry_run: bool):
             if version is None:
                 raise ValueError(f"site.slurm_version={cfg.site.slurm_version!r} is not a version like 22.05.8")
         elif not dry_run or shutil.which("srun"):
+            from toksearch_launch.run import slurm_version
+
             version = slurm_version()
     return Facts(
         stdin_is_tty=sys.stdin is not None and sys.stdin.isatty(),
@@ -363,7 +364,7 @@ def _exit_code_of(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
 
 
-def _dropped_option_notes(cfg, job) -> List[str]:
+def _dropped_option_notes(cfg, job: Job) -> List[str]:
     """Notes for option lists the overrides replaced, naming what the site had set (composed again without them)."""
     from hydra import compose
 
@@ -379,7 +380,7 @@ def _dropped_option_notes(cfg, job) -> List[str]:
     return dropped_option_notes(merge_extra_options(site_cfg), cfg, keys)
 
 
-def _run_jobs(inv: Invocation, jobs: list, cwd: str) -> List[JobResult]:
+def _run_jobs(inv: Invocation, jobs: List[Job], cwd: str) -> List[JobResult]:
     """Plan, then print (dry run) or run each job in turn; one result per job.
 
     A single job's error is raised. In a sweep, a job that cannot be planned or that
@@ -412,11 +413,8 @@ def _run_jobs(inv: Invocation, jobs: list, cwd: str) -> List[JobResult]:
     return results
 
 
-def _run_job(inv: Invocation, job, result: JobResult, cwd: str) -> None:
+def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
     """One job: check and plan it, then print the plan (dry run) or write its run dir and run or submit it."""
-    from omegaconf import OmegaConf
-
-    from toksearch_launch import resume, run
     from toksearch_launch.config import ConfigError, merge_extra_options, validate
     from toksearch_launch.plan import plan_job
 
@@ -439,6 +437,10 @@ def _run_job(inv: Invocation, job, result: JobResult, cwd: str) -> None:
         _print_dry_run(plan, cfg)
         result.exit_code, result.note = 0, "dry run"
         return
+
+    from omegaconf import OmegaConf
+
+    from toksearch_launch import resume, run
 
     if plan.scheduler == "slurm":
         run.require_program(plan.argv[0])  # before anything is written or said
@@ -558,11 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
-        from toksearch_launch.run import LaunchError
-
-        code = exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return code
+        return _exit_code_of(exc)
     if inv.multirun and inv.wait:
         _wait(results)
     if inv.multirun and results and not inv.dry_run:
