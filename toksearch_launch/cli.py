@@ -1,9 +1,10 @@
 """``toksearch_submit [launcher flags] [overrides] COMMAND [ARGS...]``.
 
 The command line splits in two: launcher flags and Hydra overrides before COMMAND,
-and COMMAND with its arguments, passed on untouched. Hydra composes the config for
-each job (one, or one per combination with ``-m``); :mod:`toksearch_launch.plan`
-turns it into commands and :mod:`toksearch_launch.run` runs them.
+and COMMAND with its arguments, passed on untouched. :mod:`toksearch_launch.sweep`
+composes the config of each job with Hydra's compose API (one job, or one per
+combination with ``-m``); :mod:`toksearch_launch.plan` turns it into commands and
+:mod:`toksearch_launch.run` runs them. Nothing is written before a job really runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from toksearch_launch.sweep import CFG_PARTS, INFO_TOPICS, Job
 
 PROG = "toksearch_submit"
 EXIT_USAGE = 2
@@ -67,6 +70,8 @@ class UsageError(Exception):
 class Invocation:
     """The command line, split: what Hydra gets and what the job runs."""
 
+    #: Overrides and Hydra's flags (``--multirun``, ``--cfg X``, ``--resolve``, ``--info [X]``,
+    #: ``--config-dir DIR``) in Hydra's own command-line form; :func:`hydra_request` reads them.
     hydra_args: List[str] = field(default_factory=list)
     command: List[str] = field(default_factory=list)
     dry_run: bool = False
@@ -74,7 +79,19 @@ class Invocation:
     wait: bool = False
     keep_going: bool = False
     help: bool = False
-    hydra_only: bool = False  # --cfg / --info: Hydra prints and no job runs
+    hydra_only: bool = False  # --cfg / --info: print and exit, no job runs
+
+
+@dataclass
+class HydraRequest:
+    """What the command line asks of Hydra, read back from :attr:`Invocation.hydra_args`."""
+
+    overrides: List[str] = field(default_factory=list)
+    config_dirs: List[str] = field(default_factory=list)
+    multirun: bool = False
+    cfg: Optional[str] = None  # --cfg job|hydra|all
+    resolve: bool = False
+    info: Optional[str] = None  # --info TOPIC
 
 
 _OVERRIDE = re.compile(r"^(~[A-Za-z_][\w.\-/@]*(=|$)|(\+\+?)?[A-Za-z_][\w.\-/@]*=)")
@@ -153,6 +170,8 @@ def split_argv(argv: Sequence[str]) -> Invocation:
             if kind == "nodes":
                 inv.hydra_args.append(f"nodes={value}")
             elif kind == "cfg":
+                if value not in CFG_PARTS:
+                    raise UsageError(f"--cfg takes one of {', '.join(CFG_PARTS)} (got {value!r})")
                 inv.hydra_args += ["--cfg", value]
                 inv.hydra_only = True
             else:
@@ -172,8 +191,10 @@ def split_argv(argv: Sequence[str]) -> Invocation:
         elif tok == "--resolve":
             inv.hydra_args.append("--resolve")
         elif name == "--info":
+            if eq and inline not in INFO_TOPICS:
+                raise UsageError(f"--info takes one of {', '.join(INFO_TOPICS)} (got {inline!r})")
             inv.hydra_args += ["--info"] + ([inline] if eq else [])
-            if not eq and i + 1 < len(argv) and argv[i + 1] in ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath"):
+            if not eq and i + 1 < len(argv) and argv[i + 1] in INFO_TOPICS:
                 i += 1
                 inv.hydra_args.append(argv[i])
             inv.hydra_only = True
@@ -191,6 +212,37 @@ def split_argv(argv: Sequence[str]) -> Invocation:
     if inv.multirun:
         inv.hydra_args.insert(0, "--multirun")
     return inv
+
+
+def hydra_request(hydra_args: Sequence[str]) -> HydraRequest:
+    """Hydra's flags and the overrides of :attr:`Invocation.hydra_args`, checked together."""
+    req = HydraRequest()
+    args = list(hydra_args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--multirun":
+            req.multirun = True
+        elif arg == "--resolve":
+            req.resolve = True
+        elif arg in ("--cfg", "--config-dir"):
+            i += 1
+            if arg == "--cfg":
+                req.cfg = args[i]
+            else:
+                req.config_dirs.append(args[i])
+        elif arg == "--info":
+            has_topic = i + 1 < len(args) and args[i + 1] in INFO_TOPICS
+            req.info = args[i + 1] if has_topic else "all"
+            i += has_topic
+        else:
+            req.overrides.append(arg)
+        i += 1
+    if req.multirun + (req.cfg is not None) + (req.info is not None) > 1:
+        raise UsageError("only one of -m, --cfg and --info can be given")
+    if req.resolve and req.cfg is None:
+        raise UsageError("--resolve goes with --cfg (print the composed config resolved)")
+    return req
 
 
 @dataclass
@@ -234,7 +286,6 @@ def _one_line(exc: BaseException) -> str:
 def _facts(cfg, cwd: str, dry_run: bool):
     """Gather what the plan depends on; the Slurm version from the config, else from srun."""
     from toksearch_launch.plan import Facts, parse_slurm_version
-    from toksearch_launch.run import slurm_version
 
     version = None
     if cfg.site.scheduler == "slurm":
@@ -243,6 +294,8 @@ def _facts(cfg, cwd: str, dry_run: bool):
             if version is None:
                 raise ValueError(f"site.slurm_version={cfg.site.slurm_version!r} is not a version like 22.05.8")
         elif not dry_run or shutil.which("srun"):
+            from toksearch_launch.run import slurm_version
+
             version = slurm_version()
     return Facts(
         stdin_is_tty=sys.stdin is not None and sys.stdin.isatty(),
@@ -251,27 +304,6 @@ def _facts(cfg, cwd: str, dry_run: bool):
         cwd=cwd,
         python=sys.executable,
     )
-
-
-def _remove_empty_dirs(path: Path, stop: Path) -> None:
-    """Remove ``path`` and its parents up to ``stop`` while they are empty (dry runs leave nothing)."""
-    path, stop = path.resolve(), stop.resolve()
-    while path != stop and stop in path.parents:
-        try:
-            path.rmdir()
-        except FileNotFoundError:  # removed already: its parents may be empty now
-            pass
-        except OSError:
-            return
-        path = path.parent
-
-
-def _clean_unused_run_dirs(results: List[JobResult], cwd: Path) -> None:
-    """A dry run, or a sweep where no job ran, leaves nothing behind: not even the sweep's multirun.yaml."""
-    for run_dir in {Path(r.run_dir) for r in results if r.run_dir != "-"}:
-        for directory in (run_dir, run_dir.parent):
-            (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
-        _remove_empty_dirs(run_dir, cwd)
 
 
 def _shown_script(script: str) -> str:
@@ -332,109 +364,109 @@ def _exit_code_of(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
 
 
-def _dropped_option_notes(cfg, overrides: List[str]) -> List[str]:
+def _dropped_option_notes(cfg, job: Job) -> List[str]:
     """Notes for option lists the overrides replaced, naming what the site had set (composed again without them)."""
     from hydra import compose
 
     from toksearch_launch.config import merge_extra_options
     from toksearch_launch.plan import dropped_option_notes, override_key, replaced_option_lists
+    from toksearch_launch.sweep import CONFIG_NAME
 
-    keys = replaced_option_lists(overrides)
+    keys = replaced_option_lists(job.overrides)
     if not keys:
         return []
-    site_cfg = compose("config", overrides=[o for o in overrides if override_key(o) not in keys])
+    kept = [o for o in job.overrides if override_key(o) not in keys]
+    site_cfg = compose(CONFIG_NAME, overrides=[*job.config.hydra.overrides.hydra, *kept])
     return dropped_option_notes(merge_extra_options(site_cfg), cfg, keys)
 
 
-def _make_task(inv: Invocation, results: List[JobResult], errors: List[BaseException], cwd: str):
-    """The Hydra task function: plan, then print (dry run) or run one job.
+def _run_jobs(inv: Invocation, jobs: List[Job], cwd: str) -> List[JobResult]:
+    """Plan, then print (dry run) or run each job in turn; one result per job.
 
-    Errors are kept in ``errors`` rather than raised: Hydra would print its own
-    multi-line report before re-raising. In a multirun, a job that cannot be planned
-    or that sbatch refuses is recorded with its reason and the sweep goes on, so that
-    jobs already submitted are still waited for and shown in the table.
+    A single job's error is raised. In a sweep, a job that cannot be planned or that
+    sbatch refuses is recorded with its reason and the sweep goes on, so that jobs
+    already submitted are still waited for and shown in the table; only when no job
+    ran or was submitted at all is the first error raised (one line, nothing else).
     """
-
-    def task(cfg) -> int:
-        if errors and not inv.multirun:
-            return EXIT_USAGE
-        try:
-            return run_one(cfg)
-        except Exception as exc:
-            errors.append(exc)
-            code = _exit_code_of(exc)
-            if inv.multirun and results:
-                result = results[-1]
-                result.exit_code, result.note = code, f"not submitted: {_one_line(exc)}"
-                _remove_empty_dirs(Path(result.run_dir), Path(cwd))
-            return code
-
-    def run_one(cfg) -> int:
-        from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
-
-        from toksearch_launch import resume, run
-        from toksearch_launch.config import ConfigError, merge_extra_options, validate
-        from toksearch_launch.plan import plan_job
-
-        hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
+    results: List[JobResult] = []
+    first_error: Optional[BaseException] = None
+    for job in jobs:
         failed_before = any(r.exit_code != 0 for r in results)
-        result = JobResult(list(hc.overrides.task), str(run_dir), EXIT_USAGE, note="not run")
+        result = JobResult(job.overrides, str(job.run_dir), EXIT_USAGE, note="not run")
         results.append(result)
         if inv.multirun:
             shown = " ".join(shown_override(o) for o in result.overrides)
-            print(f"[{PROG}] job {hc.job.num}: {shown}", file=sys.stderr, flush=True)
-        if failed_before and cfg.mode == "interactive" and not inv.keep_going and not inv.dry_run:
+            print(f"[{PROG}] job {job.num}: {shown}", file=sys.stderr, flush=True)
+        if failed_before and job.config.mode == "interactive" and not inv.keep_going and not inv.dry_run:
             result.exit_code, result.note = 0, "skipped (an earlier job failed; -k goes on)"
-            _remove_empty_dirs(run_dir, Path(cwd))
-            return 0
+            continue
         try:
-            validate(cfg)
-            cfg = merge_extra_options(cfg)
-            plan = plan_job(cfg, inv.command, run_dir, _facts(cfg, cwd, inv.dry_run))
-        except (ConfigError, ValueError) as exc:
-            raise UsageError(str(exc)) from None
-        if cfg.backend.start == "eager":  # the wrapper starts the engine at once: check it before allocating
-            from toksearch_launch.engines import missing
+            with job.active():
+                _run_job(inv, job, result, cwd)
+        except Exception as exc:
+            if not inv.multirun:
+                raise
+            first_error = first_error or exc
+            result.exit_code, result.note = _exit_code_of(exc), f"not submitted: {_one_line(exc)}"
+    if first_error is not None and not _started(results):
+        raise first_error
+    return results
 
-            reason = missing(cfg.backend.name)
-            if reason:
-                raise UsageError(reason)
-        plan.notes += _dropped_option_notes(cfg, result.overrides)
 
-        if inv.dry_run:
-            _print_dry_run(plan, cfg)
-            result.exit_code, result.note = 0, "dry run"
-            return 0
+def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
+    """One job: check and plan it, then print the plan (dry run) or write its run dir and run or submit it."""
+    from toksearch_launch.config import ConfigError, merge_extra_options, validate
+    from toksearch_launch.plan import plan_job
 
-        if plan.scheduler == "slurm":
-            run.require_program(plan.argv[0])  # before anything is written or said
-        else:
-            run.require_command(inv.command[0])
-        for note in plan.notes:
-            print(f"{PROG}: note: {note}", file=sys.stderr)
-        OmegaConf.save(cfg, plan.config_path, resolve=True)
-        resume.record_command(run_dir, inv.command, cwd)  # what --resume reruns
-        if plan.script is not None:
-            run.write_script(plan.script_path, plan.script)
+    cfg = job.task_config()
+    try:
+        validate(cfg)
+        cfg = merge_extra_options(cfg)
+        plan = plan_job(cfg, inv.command, job.run_dir, _facts(cfg, cwd, inv.dry_run))
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if cfg.backend.start == "eager":  # the wrapper starts the engine at once: check it before allocating
+        from toksearch_launch.engines import missing
 
-        if plan.mode == "interactive":
-            result.note = ""
-            result.exit_code = run.run_interactive(plan)
-            result.state = "COMPLETED" if result.exit_code == 0 else "FAILED"
-            return result.exit_code
+        reason = missing(cfg.backend.name)
+        if reason:
+            raise UsageError(reason)
+    plan.notes += _dropped_option_notes(cfg, job)
 
-        sub = run.submit_batch(plan)
-        resume.record_submission(run_dir, sub.job_id)
-        print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
-        result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
-        result.scheduler, result.output = plan.scheduler, sub.output
-        if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
-            _wait([result])
-        return result.exit_code
+    if inv.dry_run:
+        _print_dry_run(plan, cfg)
+        result.exit_code, result.note = 0, "dry run"
+        return
 
-    return task
+    from omegaconf import OmegaConf
+
+    from toksearch_launch import resume, run
+
+    if plan.scheduler == "slurm":
+        run.require_program(plan.argv[0])  # before anything is written or said
+    else:
+        run.require_command(inv.command[0])
+    for note in plan.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    job.run_dir.mkdir(parents=True, exist_ok=True)  # the first file of the run
+    OmegaConf.save(cfg, plan.config_path, resolve=True)
+    resume.record_command(job.run_dir, inv.command, cwd)  # what --resume reruns
+    if plan.script is not None:
+        run.write_script(plan.script_path, plan.script)
+
+    if plan.mode == "interactive":
+        result.note = ""
+        result.exit_code = run.run_interactive(plan)
+        result.state = "COMPLETED" if result.exit_code == 0 else "FAILED"
+        return
+
+    sub = run.submit_batch(plan)
+    resume.record_submission(job.run_dir, sub.job_id)
+    print(f"{PROG}: submitted job {sub.job_id}; run dir {sub.run_dir}; output {sub.output}", flush=True)
+    result.job_id, result.exit_code, result.note = sub.job_id, 0, ""
+    result.scheduler, result.output = plan.scheduler, sub.output
+    if inv.wait and not inv.multirun:  # a sweep submits every job first, then waits for all
+        _wait([result])
 
 
 def _wait(results: List[JobResult]) -> None:
@@ -482,47 +514,23 @@ def _print_table(results: List[JobResult]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
-def _run_hydra(inv: Invocation, cwd: str) -> List[JobResult]:
-    import logging
+def _run(inv: Invocation, cwd: str) -> List[JobResult]:
+    """Compose with Hydra, then answer --info / --cfg, or run the jobs (none of them for --info / --cfg)."""
+    from toksearch_launch import sweep
 
-    import hydra
-
-    from toksearch_launch.config import register_configs
-
-    # Hydra logs a failed job before re-raising it; we report the error ourselves, in one line.
-    logging.getLogger("hydra.core.utils").addHandler(logging.NullHandler())
-    logging.getLogger("hydra.core.utils").propagate = False
-    register_configs()
-    results: List[JobResult] = []
-    errors: List[BaseException] = []
-    task = _make_task(inv, results, errors, cwd)
-    main = hydra.main(config_path="pkg://toksearch_launch.conf", config_name="config", version_base=None)(task)
-    sweep_dir = _sweep_dir(inv, cwd)
-    saved_argv = sys.argv
-    sys.argv = [PROG, *inv.hydra_args, *([f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else [])]
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*provider=hydra\.searchpath.*is not available")
-            main()
-    finally:  # (Hydra composes every job of a sweep before running the first: a compose error stops all)
-        sys.argv = saved_argv
-        if inv.dry_run or not _started(results):
-            _clean_unused_run_dirs(results, Path(cwd))
-            if sweep_dir:  # Hydra wrote multirun.yaml before it refused a job
-                _clean_unused_run_dirs([JobResult([], str(Path(cwd, sweep_dir, "0")), 0)], Path(cwd))
-    if errors and not (inv.multirun and _started(results)):
-        raise errors[0]  # nothing was submitted or run: the error alone, in one line
-    return results
-
-
-def _sweep_dir(inv: Invocation, cwd: str) -> Optional[str]:
-    """The sweep's directory, chosen here (conf/config.yaml's pattern) so that a sweep Hydra
-    refuses leaves nothing behind; None when the user chose one or this is no sweep."""
-    import datetime
-
-    if not inv.multirun or any(a.startswith("hydra.sweep.dir=") for a in inv.hydra_args):
-        return None
-    return f"toksearch_runs/multirun/{datetime.datetime.now():%Y-%m-%d/%H-%M-%S-%f}"
+    req = hydra_request(inv.hydra_args)
+    with warnings.catch_warnings(), sweep.session():
+        # the per-user profile dir (conf/config.yaml's searchpath) usually does not exist: nothing to say
+        warnings.filterwarnings("ignore", message=r".*provider=hydra\.searchpath.*is not available")
+        overrides = sweep.with_config_dirs(req.overrides, req.config_dirs)
+        if req.info is not None:
+            sweep.show_info(req.info, overrides)
+            return []
+        if req.cfg is not None:
+            sys.stdout.write(sweep.config_text(sweep.compose(overrides), req.cfg, req.resolve))
+            return []
+        jobs = sweep.compose_jobs(overrides, req.multirun, cwd)  # all of them before the first runs
+        return _run_jobs(inv, jobs, cwd)
 
 
 def _started(results: List[JobResult]) -> bool:
@@ -533,7 +541,6 @@ def _started(results: List[JobResult]) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``toksearch_submit``; returns (and exits with) the job's exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach us as exceptions, reported in one line
     if argv and argv[0] in ("--resume", "--status"):  # a run dir's, not a new job's (docs/durability.md)
         from toksearch_launch import resume
 
@@ -545,7 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0 if inv.help else EXIT_USAGE
         if not inv.command and not inv.hydra_only:
             raise UsageError("no command given: put the program to run after the overrides, e.g. python script.py")
-        results = _run_hydra(inv, os.getcwd())
+        results = _run(inv, os.getcwd())
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -553,11 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
-        from toksearch_launch.run import LaunchError
-
-        code = exc.exit_code if isinstance(exc, LaunchError) else EXIT_USAGE
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return code
+        return _exit_code_of(exc)
     if inv.multirun and inv.wait:
         _wait(results)
     if inv.multirun and results and not inv.dry_run:
