@@ -270,7 +270,10 @@ def _clean_unused_run_dirs(results: List[JobResult], cwd: Path) -> None:
     """A dry run, or a sweep where no job ran, leaves nothing behind: not even the sweep's multirun.yaml."""
     for run_dir in {Path(r.run_dir) for r in results if r.run_dir != "-"}:
         for directory in (run_dir, run_dir.parent):
-            (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
+            try:
+                (directory / "multirun.yaml").unlink(missing_ok=True)  # Hydra writes it before any job
+            except OSError:  # a read-only run dir: the error that stopped the job is the one to tell
+                pass
         _remove_empty_dirs(run_dir, cwd)
 
 
@@ -447,7 +450,8 @@ def _wait(results: List[JobResult]) -> None:
             by_id.setdefault(result.job_id, []).append(result)
 
     def record(job_id: str, end) -> None:
-        reason = "; ".join(filter(None, (end.reason, _output_missing(by_id[job_id][0], end.state))))
+        missing = _output_missing(by_id[job_id][0], end.state) if end.started else ""
+        reason = "; ".join(filter(None, (end.reason, missing)))
         for result in by_id[job_id]:
             result.state, result.exit_code, result.note = end.state, end.exit_code, reason
         why = f": {reason}" if reason else ""
@@ -552,6 +556,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # above all a run dir that cannot be written, before anything is allocated
+        from toksearch_launch.run import unwritable_run_dir
+
+        error = unwritable_run_dir(exc)
+        print(f"{PROG}: error: {error or _one_line(exc)}", file=sys.stderr)
+        return error.exit_code if error else EXIT_USAGE
     except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
         from toksearch_launch.run import LaunchError
 
