@@ -1,11 +1,12 @@
 """A small Dask job for the fault tests: its cluster's ports per node, and a result compared with compute_serial.
 
     python tests/ports_job.py [seconds to sleep before computing]
-Prints ``PORTS {"hosts": [...], "ports": [...], "pid": N}`` once the cluster is ready,
+Prints ``PORTS {"hosts": [...], "ports": [...], "pid": N, "job": ID, "root": TEMP_DIR}`` once the cluster is ready,
 then ``SAME <n>`` (or ``DIFFERENT ...``) after comparing compute_dask with compute_serial.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -26,7 +27,8 @@ def squares() -> Pipeline:
 
 cluster = job_cluster("dask")
 print("PORTS " + json.dumps({"hosts": list(cluster.plan.hosts), "ports": cluster.plan.ports.all_ports(),
-                             "pid": __import__("os").getpid()}), flush=True)
+                             "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"), "root": cluster.plan.root}),
+      flush=True)
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
 got = [(r["shot"], r["sq"]) for r in squares().compute_dask(verbose=False)]
 want = [(r["shot"], r["sq"]) for r in squares().compute_serial(verbose=False)]
