@@ -125,10 +125,10 @@ def test_slurm_sigkill_of_the_launcher_during_a_run_ends_the_allocation_and_its_
     script and every daemon on both nodes within seconds (before: the allocation ran on)."""
     from slurm_support import TEST_SITE
 
-    launched = Launched([*TEST_SITE, "nodes=2", "backend=dask", *PORTS_JOB, "600"], tmp_path)
+    launched = Launched([*TEST_SITE, "nodes=2", "backend=dask", *PORTS_JOB, "600"], tmp_path)  # (a queue wait counts in the 600 s)
     job_id = ""
     try:
-        info = json.loads(launched.wait_line(r"^PORTS (.*)", 150).group(1))
+        info = json.loads(launched.wait_line(r"^PORTS (.*)", 600).group(1))
         job_id = info["job"]
         before = slurm_job_processes([job_id])
         assert len(before) == 2, before  # the script's node and the worker's
@@ -154,7 +154,7 @@ def test_local_sigkill_of_the_launcher_stops_the_script_and_its_cluster(tmp_path
 
     launched = Launched(["site=local", "nodes=2", "backend=dask", *PORTS_JOB, "600"], tmp_path)
     try:
-        info = json.loads(launched.wait_line(r"^PORTS (.*)", 150).group(1))
+        info = json.loads(launched.wait_line(r"^PORTS (.*)", 600).group(1))
         script = info["pid"]
         assert children_of(launched.proc.pid) == [script]
         pids = run_of(script) | {script}
@@ -246,6 +246,22 @@ def test_slurm_wait_for_a_job_that_can_never_start_cancels_it_in_one_line(tmp_pa
     assert re.fullmatch(rf"toksearch_submit: job {job_id} CANCELLED, exit code 1: it can never start "
                         r"\((PartitionConfig|PartitionNodeLimit): it asks for 4 nodes and partition debug has 3\): "
                         r"cancelled it", said), said
+    assert job_state(job_id) in ("CANCELLED", "")
+
+
+@pytest.mark.slurm
+def test_slurm_interactive_job_that_can_never_start_is_cancelled_in_one_line(tmp_path):
+    """The same request interactively: salloc says "Requested partition configuration not available
+    now" and would wait forever; the launcher watches the job salloc waits for and cancels it."""
+    from slurm_support import TEST_SITE
+
+    with time_to_clean("slurm interactive nodes=4 on 3 nodes"):
+        result = run_cli([*TEST_SITE, "nodes=4", "hostname"], tmp_path, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    job_id = re.search(r"salloc: Pending job allocation (\d+)", result.stderr).group(1)
+    last = result.stderr.splitlines()[-1]
+    assert re.fullmatch(rf"toksearch_submit: error: job {job_id}: it can never start \((PartitionConfig|"
+                        r"PartitionNodeLimit): it asks for 4 nodes and partition debug has 3\): cancelled it", last), last
     assert job_state(job_id) in ("CANCELLED", "")
 
 

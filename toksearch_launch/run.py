@@ -117,27 +117,66 @@ def _child_env(plan: Plan) -> Dict[str, str]:
 X11_FAILURES = ("x11 forwarding", "X11 socket", "x11 auth", "X11 DISPLAY")
 
 
-class _StderrWatch:
-    """Copy a child's stderr to ours as it comes, remembering whether X11 setup failed."""
+#: salloc's line for a request that waits in the queue.
+_SALLOC_PENDING = re.compile(r"salloc: Pending job allocation (\d+)")
 
-    def __init__(self, stream) -> None:
+
+class _StderrWatch:
+    """Copy salloc's stderr to ours as it comes, remembering whether X11 setup failed, and watch
+    the job salloc waits for: one that can never start (:func:`never_starts`) is cancelled, so
+    that an interactive ``salloc -N 4`` on a 3-node partition does not wait forever."""
+
+    def __init__(self, stream, poll: float = 1.0) -> None:
         import threading
 
         self.x11_failed = False
+        self.never_started = ""  # "job N can never start (...)" once we cancelled it
+        self._poll = poll
         self._stream = stream
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
 
     def _copy(self) -> None:
+        import threading
+
         out = sys.stderr.buffer
-        for line in iter(self._stream.readline, b""):
-            out.write(line)
+        fd = self._stream.fileno()
+        partial = b""
+        while True:
+            chunk = os.read(fd, 65536)  # as it comes: a progress line without a newline shows at once
+            if not chunk:
+                return
+            out.write(chunk)
             out.flush()
-            text = line.decode("utf-8", "replace")
-            if "error" in text.lower() and any(k.lower() in text.lower() for k in X11_FAILURES):
-                self.x11_failed = True
+            *lines, partial = (partial + chunk).split(b"\n")
+            partial = partial[-4096:]
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                if "error" in text.lower() and any(k.lower() in text.lower() for k in X11_FAILURES):
+                    self.x11_failed = True
+                pending = _SALLOC_PENDING.search(text)
+                if pending and shutil.which("scontrol"):
+                    threading.Thread(target=self._watch_pending, args=(pending.group(1),), daemon=True).start()
+
+    def _watch_pending(self, job_id: str) -> None:
+        """Poll the pending job until it leaves PENDING; cancel it if it can never start."""
+        scontrol = shutil.which("scontrol") or "scontrol"
+        partition_nodes = partition_total_nodes(scontrol)
+        while not self._stop.is_set():
+            out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
+            fields = _scontrol_fields(out.stdout) if out.returncode == 0 else {}
+            if fields.get("JobState") != "PENDING":
+                return
+            why = never_starts(fields, partition_nodes)
+            if why:
+                end = cancel_never_starting(job_id, why)
+                self.never_started = f"job {job_id}: {end.reason}"
+                return
+            self._stop.wait(self._poll)
 
     def join(self) -> None:
+        self._stop.set()
         self._thread.join(timeout=5)
 
 
@@ -169,14 +208,14 @@ def dies_with_launcher(sig: int = LAUNCHER_DEATH_SIGNAL) -> Optional[Callable[[]
     return arm
 
 
-def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False) -> tuple[int, bool]:
+def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False) -> tuple[int, "_StderrWatch | None"]:
     """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward,
     and it gets SIGTERM if we die (:func:`dies_with_launcher`).
 
-    Returns (exit code, whether stderr reported an X11 setup failure).
+    Returns (exit code, the stderr watch when ``watch_stderr``: salloc's X11 failure, a job that can never start).
     """
     try:
-        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_x11 else None,
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_stderr else None,
                                 preexec_fn=dies_with_launcher())
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]}: command not found") from None
@@ -192,7 +231,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
         signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
     }
-    watch = _StderrWatch(proc.stderr) if watch_x11 else None
+    watch = _StderrWatch(proc.stderr) if watch_stderr else None
     try:
         code = exit_status(proc.wait())
     finally:
@@ -200,7 +239,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
             signal.signal(signum, handler)
     if watch:
         watch.join()
-    return code, bool(watch and watch.x11_failed)
+    return code, watch
 
 
 def run_interactive(plan: Plan) -> int:
@@ -209,8 +248,10 @@ def run_interactive(plan: Plan) -> int:
     The caller has checked, before writing anything, that salloc (:func:`require_program`)
     or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
-    code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
-    if code != 0 and x11_failed:
+    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=plan.scheduler == "slurm")
+    if code != 0 and watch and watch.never_started:
+        raise LaunchError(watch.never_started, exit_code=code)
+    if code != 0 and watch and watch.x11_failed and plan.x11_fix is not None:
         raise LaunchError(
             f"salloc could not set up X11 forwarding for DISPLAY={os.environ.get('DISPLAY', '')}: "
             f"run without it by adding {plan.x11_fix}", exit_code=code)
