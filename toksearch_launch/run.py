@@ -1,8 +1,10 @@
 """Running a plan: the only module of the launcher that starts programs.
 
-Interactive jobs run in the foreground and their exit code becomes ours. Batch jobs
-are submitted with ``sbatch --parsable``; ``--wait`` polls ``scontrol show job``
-(``sbatch --wait`` adds about 10 s to every job), and asks ``sacct`` for a job that
+Interactive jobs run in the foreground and their exit code becomes ours; they end with
+the launcher, whatever killed it (:func:`dies_with_launcher`), and one that can never
+start is cancelled (:func:`never_starts`). Batch jobs are submitted with ``sbatch
+--parsable``; ``--wait`` polls ``scontrol show job`` (``sbatch --wait`` adds about 10 s
+to every job), cancels a job that can never start, and asks ``sacct`` for a job that
 scontrol has purged; without accounting such a job's state is UNKNOWN (exit code 1).
 """
 
@@ -130,7 +132,7 @@ class _StderrWatch:
         import threading
 
         self.x11_failed = False
-        self.never_started = ""  # "job N can never start (...)" once we cancelled it
+        self.never_started = ""  # "job N: it can never start (...): cancelled it", once we cancelled it
         self._poll = poll
         self._stream = stream
         self._stop = threading.Event()
@@ -431,8 +433,9 @@ def wait_slurm_jobs(job_ids: List[str], poll: float = 0.25, max_poll: float = 2.
     """Poll all jobs together until each has ended (one at a time would let scontrol purge the others).
 
     A job pending for a reason that can never clear (:func:`never_starts`) is cancelled and
-    ends CANCELLED, exit code 1, with the reason. A controller that does not answer is retried for ``controller_grace`` seconds,
-    then the job is UNKNOWN (it may still run: the reason says so)."""
+    ends CANCELLED, exit code 1, with the reason. A controller that does not answer is
+    retried for ``controller_grace`` seconds, then the job is UNKNOWN (it may still run:
+    the reason says so)."""
     scontrol = require_program("scontrol")
     partition_nodes = partition_total_nodes(scontrol)
     ends: Dict[str, JobEnd] = {}
