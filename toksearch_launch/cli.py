@@ -479,7 +479,8 @@ def _wait(results: List[JobResult]) -> None:
             by_id.setdefault(result.job_id, []).append(result)
 
     def record(job_id: str, end) -> None:
-        reason = "; ".join(filter(None, (end.reason, _output_missing(by_id[job_id][0], end.state))))
+        missing = _output_missing(by_id[job_id][0], end.state) if end.started else ""
+        reason = "; ".join(filter(None, (end.reason, missing)))
         for result in by_id[job_id]:
             result.state, result.exit_code, result.note = end.state, end.exit_code, reason
         why = f": {reason}" if reason else ""
@@ -559,6 +560,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # above all a run dir that cannot be written, before anything is allocated
+        from toksearch_launch.run import unwritable_run_dir
+
+        error = unwritable_run_dir(exc)
+        print(f"{PROG}: error: {error or _one_line(exc)}", file=sys.stderr)
+        return error.exit_code if error else EXIT_USAGE
     except Exception as exc:  # Hydra/omegaconf/launch errors: one line, never a traceback
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return _exit_code_of(exc)

@@ -1,13 +1,16 @@
 """Running a plan: the only module of the launcher that starts programs.
 
-Interactive jobs run in the foreground and their exit code becomes ours. Batch jobs
-are submitted with ``sbatch --parsable``; ``--wait`` polls ``scontrol show job``
-(``sbatch --wait`` adds about 10 s to every job), and asks ``sacct`` for a job that
+Interactive jobs run in the foreground and their exit code becomes ours; they end with
+the launcher, whatever killed it (:func:`dies_with_launcher`), and one that can never
+start is cancelled (:func:`never_starts`). Batch jobs are submitted with ``sbatch
+--parsable``; ``--wait`` polls ``scontrol show job`` (``sbatch --wait`` adds about 10 s
+to every job), cancels a job that can never start, and asks ``sacct`` for a job that
 scontrol has purged; without accounting such a job's state is UNKNOWN (exit code 1).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -67,6 +70,21 @@ def write_script(path: Path, text: str) -> None:
         f.write(text)
 
 
+#: errno values of a run dir (or a file in it) that cannot be created or written.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.ENOENT,
+               errno.EISDIR, errno.EEXIST}
+
+
+def unwritable_run_dir(exc: OSError) -> Optional[LaunchError]:
+    """The one line for a run directory that cannot be written (Hydra creates it, the launcher writes
+    toksearch.yaml and job.sbatch into it before anything is allocated); None for other errors."""
+    if exc.errno not in _UNWRITABLE:
+        return None
+    where = os.path.abspath(exc.filename) if isinstance(exc.filename, str) else "the run directory"
+    return LaunchError(f"cannot write {where}: {exc.strerror or exc}: the run directory must be writable "
+                       "(choose one with hydra.run.dir=..., or hydra.sweep.dir=... with -m)")
+
+
 def require_command(name: str) -> None:
     """site=local: COMMAND must exist here (checked before the run dir gets any file)."""
     if shutil.which(name) is None:
@@ -101,37 +119,106 @@ def _child_env(plan: Plan) -> Dict[str, str]:
 X11_FAILURES = ("x11 forwarding", "X11 socket", "x11 auth", "X11 DISPLAY")
 
 
-class _StderrWatch:
-    """Copy a child's stderr to ours as it comes, remembering whether X11 setup failed."""
+#: salloc's line for a request that waits in the queue.
+_SALLOC_PENDING = re.compile(r"salloc: Pending job allocation (\d+)")
 
-    def __init__(self, stream) -> None:
+
+class _StderrWatch:
+    """Copy salloc's stderr to ours as it comes, remembering whether X11 setup failed, and watch
+    the job salloc waits for: one that can never start (:func:`never_starts`) is cancelled, so
+    that an interactive ``salloc -N 4`` on a 3-node partition does not wait forever."""
+
+    def __init__(self, stream, poll: float = 1.0) -> None:
         import threading
 
         self.x11_failed = False
+        self.never_started = ""  # "job N: it can never start (...): cancelled it", once we cancelled it
+        self._poll = poll
         self._stream = stream
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
 
     def _copy(self) -> None:
+        import threading
+
         out = sys.stderr.buffer
-        for line in iter(self._stream.readline, b""):
-            out.write(line)
+        fd = self._stream.fileno()
+        partial = b""
+        while True:
+            chunk = os.read(fd, 65536)  # as it comes: a progress line without a newline shows at once
+            if not chunk:
+                return
+            out.write(chunk)
             out.flush()
-            text = line.decode("utf-8", "replace")
-            if "error" in text.lower() and any(k.lower() in text.lower() for k in X11_FAILURES):
-                self.x11_failed = True
+            *lines, partial = (partial + chunk).split(b"\n")
+            partial = partial[-4096:]
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                if "error" in text.lower() and any(k.lower() in text.lower() for k in X11_FAILURES):
+                    self.x11_failed = True
+                pending = _SALLOC_PENDING.search(text)
+                if pending and shutil.which("scontrol"):
+                    threading.Thread(target=self._watch_pending, args=(pending.group(1),), daemon=True).start()
+
+    def _watch_pending(self, job_id: str) -> None:
+        """Poll the pending job until it leaves PENDING; cancel it if it can never start."""
+        scontrol = shutil.which("scontrol") or "scontrol"
+        partition_nodes = partition_total_nodes(scontrol)
+        while not self._stop.is_set():
+            out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
+            fields = _scontrol_fields(out.stdout) if out.returncode == 0 else {}
+            if fields.get("JobState") != "PENDING":
+                return
+            why = never_starts(fields, partition_nodes)
+            if why:
+                end = cancel_never_starting(job_id, why)
+                self.never_started = f"job {job_id}: {end.reason}"
+                return
+            self._stop.wait(self._poll)
 
     def join(self) -> None:
+        self._stop.set()
         self._thread.join(timeout=5)
 
 
-def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False) -> tuple[int, bool]:
-    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward.
+#: What the foreground child of an interactive job gets when the launcher dies, whatever killed
+#: it (SIGKILL included): salloc then revokes the allocation (measured: the job gone in 0.3 s,
+#: its step's tasks get SIGTERM, SIGKILL after KillWait); on site=local the script stops its
+#: clusters (their SIGTERM hook) and exits, as after scancel.
+LAUNCHER_DEATH_SIGNAL = signal.SIGTERM
+PR_SET_PDEATHSIG = 1
 
-    Returns (exit code, whether stderr reported an X11 setup failure).
+
+def dies_with_launcher(sig: int = LAUNCHER_DEATH_SIGNAL) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that asks Linux to send ``sig`` to the child when this process dies
+    (``prctl(PR_SET_PDEATHSIG)``), so that no allocation outlives a killed launcher; None where
+    there is no prctl. prctl is looked up here, in the parent: the forked child only calls it."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died between fork and prctl
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False) -> tuple[int, "_StderrWatch | None"]:
+    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward,
+    and it gets SIGTERM if we die (:func:`dies_with_launcher`).
+
+    Returns (exit code, the stderr watch when ``watch_stderr``: salloc's X11 failure, a job that can never start).
     """
     try:
-        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_x11 else None)
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_stderr else None,
+                                preexec_fn=dies_with_launcher())
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]}: command not found") from None
     except PermissionError:
@@ -146,7 +233,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
         signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
         signal.SIGHUP: signal.signal(signal.SIGHUP, forward),
     }
-    watch = _StderrWatch(proc.stderr) if watch_x11 else None
+    watch = _StderrWatch(proc.stderr) if watch_stderr else None
     try:
         code = exit_status(proc.wait())
     finally:
@@ -154,7 +241,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_x11: bool = False
             signal.signal(signum, handler)
     if watch:
         watch.join()
-    return code, bool(watch and watch.x11_failed)
+    return code, watch
 
 
 def run_interactive(plan: Plan) -> int:
@@ -163,8 +250,10 @@ def run_interactive(plan: Plan) -> int:
     The caller has checked, before writing anything, that salloc (:func:`require_program`)
     or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
-    code, x11_failed = run_foreground(plan.argv, _child_env(plan), watch_x11=plan.x11_fix is not None)
-    if code != 0 and x11_failed:
+    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=plan.scheduler == "slurm")
+    if code != 0 and watch and watch.never_started:
+        raise LaunchError(watch.never_started, exit_code=code)
+    if code != 0 and watch and watch.x11_failed and plan.x11_fix is not None:
         raise LaunchError(
             f"salloc could not set up X11 forwarding for DISPLAY={os.environ.get('DISPLAY', '')}: "
             f"run without it by adding {plan.x11_fix}", exit_code=code)
@@ -201,6 +290,8 @@ class JobEnd(NamedTuple):
     state: str
     exit_code: int
     reason: str = ""
+    #: False for a job cancelled before it ever ran (no output file is then expected).
+    started: bool = True
 
 
 #: State of a job whose end we could not observe (its exit code is then 1: never a false 0).
@@ -249,8 +340,73 @@ class _ControllerUnreachable(Exception):
     """scontrol failed for another reason than an unknown job id (slurmctld busy or restarting)."""
 
 
-def poll_slurm_job(job_id: str, scontrol: str) -> Optional[JobEnd]:
-    """The job's end, or None while it may still run."""
+#: Pending reasons (Slurm's job reason codes) that no other job's end can clear: the request
+#: itself is beyond what its partition, account or QOS allows, or its dependency failed. Such
+#: a job pends until someone cancels it; ``--wait`` would wait with it forever.
+NEVER_STARTS = {
+    "PartitionNodeLimit": "it asks for more nodes than its partition has or allows",
+    "PartitionTimeLimit": "its --time is beyond its partition's time limit",
+    "BadConstraints": "no node can satisfy its constraints",
+    "InvalidAccount": "its account is invalid",
+    "InvalidQOS": "its QOS is invalid",
+    "AccountNotAllowed": "its account may not use this partition",
+    "DependencyNeverSatisfied": "a job it depends on ended in a way that can never satisfy it",
+}
+#: Per-job limits of a QOS or an association (QOSMaxNodePerJobLimit, AssocMaxWallDurationPerJobLimit...).
+_PER_JOB_LIMIT = re.compile(r"^(QOS|Assoc)Max\w*PerJob\w*$")
+
+
+def never_starts(fields: Dict[str, str], partition_nodes: Callable[[str], Optional[int]]) -> str:
+    """Why a pending job can never start (one phrase), or "" while it may still start.
+
+    PartitionNodeLimit and PartitionConfig ("Requested partition configuration not available
+    now", the first reason a too-large job gets) also show while too many of a partition's
+    nodes are down or drained, which can clear: they count only when the job asks for more
+    nodes than the partition has at all (``partition_nodes``: its TotalNodes, None if unknown)."""
+    if fields.get("JobState") != "PENDING":
+        return ""
+    reason = fields.get("Reason", "")
+    if reason in ("PartitionNodeLimit", "PartitionConfig"):
+        wanted = int(re.match(r"\d*", fields.get("NumNodes", "")).group() or 0)
+        total = partition_nodes(fields.get("Partition", "").split(",")[0])
+        if total is None or wanted <= total:
+            return ""
+        return f"{reason}: it asks for {wanted} nodes and partition {fields.get('Partition')} has {total}"
+    if reason in NEVER_STARTS:
+        return f"{reason}: {NEVER_STARTS[reason]}"
+    if _PER_JOB_LIMIT.match(reason):
+        return f"{reason}: it is beyond a per-job limit of its QOS or association"
+    return ""
+
+
+def partition_total_nodes(scontrol: str) -> Callable[[str], Optional[int]]:
+    """``scontrol show partition``'s TotalNodes, asked once per partition."""
+    known: Dict[str, Optional[int]] = {}
+
+    def total(partition: str) -> Optional[int]:
+        if partition not in known:
+            out = subprocess.run([scontrol, "show", "partition", "-o", partition], capture_output=True, text=True)
+            value = _scontrol_fields(out.stdout).get("TotalNodes", "") if out.returncode == 0 else ""
+            known[partition] = int(value) if value.isdigit() else None
+        return known[partition]
+
+    return total
+
+
+def cancel_never_starting(job_id: str, why: str) -> JobEnd:
+    """scancel a job that can never start; its end says why, in one line."""
+    scancel = shutil.which("scancel")
+    result = subprocess.run([scancel, job_id], capture_output=True, text=True) if scancel else None
+    if result is not None and result.returncode == 0:
+        return JobEnd("CANCELLED", 1, f"it can never start ({why}): cancelled it", started=False)
+    failed = " ".join(result.stderr.split()) if result is not None else "scancel not found"
+    return JobEnd(UNKNOWN, 1, f"it can never start ({why}), and scancel failed ({failed}): cancel it yourself",
+                  started=False)
+
+
+def poll_slurm_job(job_id: str, scontrol: str,
+                   partition_nodes: Optional[Callable[[str], Optional[int]]] = None) -> Optional[JobEnd]:
+    """The job's end, or None while it may still run; a pending job that can never start is cancelled."""
     result = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         message = " ".join(result.stderr.split())
@@ -259,6 +415,9 @@ def poll_slurm_job(job_id: str, scontrol: str) -> Optional[JobEnd]:
         raise _ControllerUnreachable(message or f"scontrol exit code {result.returncode}")
     fields = _scontrol_fields(result.stdout)
     state = fields.get("JobState", "")
+    hopeless = never_starts(fields, partition_nodes or partition_total_nodes(scontrol))
+    if hopeless:
+        return cancel_never_starting(job_id, hopeless)
     if state not in FINAL_STATES:
         return None
     end = _job_end(state, fields.get("ExitCode", "0:0"))
@@ -273,9 +432,12 @@ def wait_slurm_jobs(job_ids: List[str], poll: float = 0.25, max_poll: float = 2.
                     clock: Callable[[], float] = time.monotonic) -> Dict[str, JobEnd]:
     """Poll all jobs together until each has ended (one at a time would let scontrol purge the others).
 
-    A controller that does not answer is retried for ``controller_grace`` seconds,
-    then the job is UNKNOWN (it may still run: the reason says so)."""
+    A job pending for a reason that can never clear (:func:`never_starts`) is cancelled and
+    ends CANCELLED, exit code 1, with the reason. A controller that does not answer is
+    retried for ``controller_grace`` seconds, then the job is UNKNOWN (it may still run:
+    the reason says so)."""
     scontrol = require_program("scontrol")
+    partition_nodes = partition_total_nodes(scontrol)
     ends: Dict[str, JobEnd] = {}
     failing_since: Dict[str, float] = {}
     while len(ends) < len(job_ids):
@@ -283,7 +445,7 @@ def wait_slurm_jobs(job_ids: List[str], poll: float = 0.25, max_poll: float = 2.
             if job_id in ends:
                 continue
             try:
-                end = poll_slurm_job(job_id, scontrol)
+                end = poll_slurm_job(job_id, scontrol, partition_nodes)
                 failing_since.pop(job_id, None)
             except _ControllerUnreachable as exc:
                 since = failing_since.setdefault(job_id, clock())
