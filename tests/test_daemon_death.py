@@ -273,9 +273,11 @@ VICTIMS = {"ray": ray_victim, "spark": spark_victim, "dask": dask_victim}
 def kill_a_worker_and_stop(owner: Owner, control: Path, info: dict, victim: psutil.Process, how: str) -> dict:
     """Kill ``victim`` while the cluster runs; the line must come before any stop; then stop."""
     assert owner.proc.poll() is None
+    t0 = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     line = f"toksearch_launch: {info['role']} on {info['host']} {how} while the job ran (log: {info['log']})"
     owner.wait_line(owner.err, lambda ln: ln == line, 90, "death line")
+    shown_after = time.monotonic() - t0
     assert os.path.isfile(info["log"]) and line in Path(info["log"]).read_text(errors="replace")
     (control / "stop").touch()
     stopped = owner.json_after("STOPPED", 120)
@@ -283,7 +285,17 @@ def kill_a_worker_and_stop(owner: Owner, control: Path, info: dict, victim: psut
     assert stopped["exits"] == [line]
     brief = f"{info['role']} on {info['host']} ({how})"
     assert f"1 had exited before the stop: {brief}" in stopped["summary"], stopped["summary"]
+    record(f"{info['role']}-killed-mid-run", shown_after, stopped["summary"])
     return stopped
+
+
+def record(name: str, shown_after: float, summary: str) -> None:
+    """Measured, never asserted: how long the line took to show, and the summary."""
+    print(f"\n{name}: line shown {shown_after:.2f} s after the kill; summary: {summary}")
+    path = os.environ.get("TOKSEARCH_FAULT_TIMES")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"test": name, "line_after": round(shown_after, 2), "summary": summary}) + "\n")
 
 
 @pytest.mark.cluster
