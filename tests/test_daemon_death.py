@@ -83,13 +83,23 @@ def test_records_round_trip_and_a_torn_line_waits(tmp_path: Path) -> None:
 
 def test_the_wrapper_learns_its_role_node_and_log_from_the_daemons_file(tmp_path: Path) -> None:
     daemons = tmp_path / "daemons.json"
-    write_daemons_file(str(daemons), {"/tmp/tsl-x/r2": {"role": "ray-worker", "node": "local2", "log": "/l/w.log"}})
+    write_daemons_file(str(daemons), {"/tmp/tsl-x/r2": {"role": "ray-worker", "node": "local2", "log": "/l/w.log"}},
+                       ready=True)
     env = {DAEMONS_ENV: str(daemons)}
     assert exit_of("/tmp/tsl-x/r2", 1, env, "ray", "machine") == DaemonExit("ray-worker", "local2", 1, "/l/w.log",
                                                                               "/tmp/tsl-x/r2")
     other = exit_of("/tmp/tsl-x/r9", -9, env, "ray", "machine")  # not in the file: what it knows itself
     assert (other.role, other.node, other.returncode) == ("ray", "machine", -9)
     assert exit_of("/d", 2, {}, "java", "tsn2").node == "tsn2"
+
+
+def test_a_death_before_the_cluster_is_ready_is_said_to_be_in_the_start(tmp_path: Path) -> None:
+    daemons = tmp_path / "daemons.json"
+    write_daemons_file(str(daemons), {"/tmp/tsl-x/r3": {"role": "ray-worker", "node": "local3", "log": "/l/w3.log"}},
+                       ready=False)
+    ex = exit_of("/tmp/tsl-x/r3", 1, {DAEMONS_ENV: str(daemons)}, "ray", "machine")
+    assert ex.line() == "toksearch_launch: ray-worker on local3 exited with code 1 during the cluster's start (log: /l/w3.log)"
+    assert DaemonExit.from_json(ex.to_json()) == ex
 
 
 def test_the_watch_shows_each_new_record_once_and_keeps_only_its_own(tmp_path: Path) -> None:
@@ -131,16 +141,15 @@ def run_wrapper(tmp_path: Path, command: list[str], stop_after_start: bool = Fal
     exits = tmp_path / "exits.jsonl"
     daemons = tmp_path / "daemons.json"
     log = tmp_path / "x-worker-node2.log"
-    write_daemons_file(str(daemons), {node_dir: {"role": "x-worker", "node": "node2", "log": str(log)}})
+    write_daemons_file(str(daemons), {node_dir: {"role": "x-worker", "node": "node2", "log": str(log)}}, ready=True)
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
     env.update({EXITS_ENV: str(exits), DAEMONS_ENV: str(daemons)})
     argv = [PY, "-m", "toksearch_launch.cluster.node", "--root", str(root), "--dir", node_dir, "--", *command]
     p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if stop_after_start:
-        assert p.stdout is not None
-        for line in p.stdout:  # the wrapper's start line: the daemon runs now
-            if "toksearch-node: host=" in line:
-                break
+    if stop_after_start:  # once the daemon runs (the wrapper's child), ask the wrapper to stop
+        deadline = time.monotonic() + 30
+        while not psutil.Process(p.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
         p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     return subprocess.CompletedProcess(argv, p.returncode, out, err), exits

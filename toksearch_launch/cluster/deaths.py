@@ -49,10 +49,13 @@ class DaemonExit:
     returncode: int  # as Popen reports it: negative for a signal
     log: str
     dir: str = ""  # the daemon's own dir (matches the lifecycle's Daemon.node_dir)
+    #: False: it died before its cluster was ready (the failed start says so at length)
+    ran: bool = True
 
     def line(self) -> str:
         """The one line shown at once."""
-        return f"{PREFIX} {self.role} on {self.node} {describe_exit(self.returncode)} while the job ran (log: {self.log})"
+        when = "while the job ran" if self.ran else "during the cluster's start"
+        return f"{PREFIX} {self.role} on {self.node} {describe_exit(self.returncode)} {when} (log: {self.log})"
 
     def brief(self) -> str:
         """For the teardown summary: ``ray-worker on local2 (exited with code 1)``."""
@@ -67,7 +70,7 @@ class DaemonExit:
         try:
             raw = json.loads(text)
             return cls(str(raw["role"]), str(raw["node"]), int(raw["returncode"]), str(raw["log"]),
-                       str(raw.get("dir", "")))
+                       str(raw.get("dir", "")), bool(raw.get("ran", True)))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -75,24 +78,28 @@ class DaemonExit:
 # ------------------------------------------------------------------ the wrapper's side
 
 
-def write_daemons_file(path: str, daemons: dict[str, dict[str, str]]) -> None:
-    """``{node_dir: {"role", "node", "log"}}`` for every daemon of a plan (written before its start)."""
+def write_daemons_file(path: str, daemons: dict[str, dict[str, str]], ready: bool) -> None:
+    """``{"ready": ..., "daemons": {node_dir: {"role", "node", "log"}}}`` for every daemon of a plan:
+    written before its start (not ready) and again once the cluster is ready."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
-        json.dump(daemons, fh, indent=1, sort_keys=True)
+        json.dump({"ready": ready, "daemons": daemons}, fh, indent=1, sort_keys=True)
     os.replace(tmp, path)
 
 
-def who_am_i(daemons_file: Optional[str], node_dir: str) -> Optional[dict[str, str]]:
-    """This daemon's role, node and log from the daemons file; None if it cannot be read."""
+def who_am_i(daemons_file: Optional[str], node_dir: str) -> tuple[Optional[dict[str, str]], bool]:
+    """This daemon's role, node and log from the daemons file (None if it cannot be read), and
+    whether its cluster was ready (True when unknown: a wrapper run without a lifecycle)."""
     if not daemons_file:
-        return None
+        return None, True
     try:
         with open(daemons_file) as fh:
-            entry = json.load(fh).get(node_dir)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry if isinstance(entry, dict) else None
+            raw = json.load(fh)
+        entry = raw["daemons"].get(node_dir)
+        ready = bool(raw.get("ready", True))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, True
+    return (entry if isinstance(entry, dict) else None), ready
 
 
 def own_log() -> str:
@@ -107,13 +114,15 @@ def own_log() -> str:
 def exit_of(node_dir: str, returncode: int, env: "dict[str, str] | os._Environ[str]", fallback_role: str,
             fallback_node: str) -> DaemonExit:
     """The record for this wrapper's daemon: from the daemons file, or what the wrapper itself knows."""
-    entry = who_am_i(env.get(DAEMONS_ENV), node_dir) or {}
+    entry, ready = who_am_i(env.get(DAEMONS_ENV), node_dir)
+    entry = entry or {}
     return DaemonExit(
         role=entry.get("role") or fallback_role,
         node=entry.get("node") or fallback_node,
         returncode=returncode,
         log=entry.get("log") or own_log(),
         dir=node_dir,
+        ran=ready,
     )
 
 

@@ -86,6 +86,7 @@ class Cluster:
         #: the last teardown's summary line (what died before it, what was left after it)
         self.summary: str = ""
         self._watch: Optional[DeathWatch] = None
+        self._daemons_map: dict[str, dict[str, str]] = {}
         self.daemons: list[Daemon] = []
         #: every daemon leader (session id) this cluster ever started, retries included
         self.started_pids: list[int] = []
@@ -322,14 +323,19 @@ class Cluster:
     def _exit_reporting(self, plan: ClusterPlan, roles: list[Role]) -> dict[str, str]:
         """Where the step wrappers record a daemon that exits unasked, and the file that tells
         each wrapper (by its daemon's dir) its role, node and log: the env every node shares."""
-        daemons = {n.node_dir: {"role": r.name, "node": n.host, "log": str(n.log_path)} for r in roles for n in r.nodes}
-        daemons_file = plan.log_dir / f"{plan.backend}-{os.path.basename(plan.root)}-daemons.json"
+        self._daemons_map = {n.node_dir: {"role": r.name, "node": n.host, "log": str(n.log_path)}
+                             for r in roles for n in r.nodes}
         if not plan.dry_run:
-            write_daemons_file(str(daemons_file), daemons)
-        return {EXITS_ENV: str(self._exits_file(plan)), DAEMONS_ENV: str(daemons_file)}
+            write_daemons_file(str(self._daemons_file(plan)), self._daemons_map, ready=False)
+        return {EXITS_ENV: str(self._exits_file(plan)), DAEMONS_ENV: str(self._daemons_file(plan))}
+
+    @staticmethod
+    def _daemons_file(plan: ClusterPlan) -> Path:
+        return plan.log_dir / f"{plan.backend}-{os.path.basename(plan.root)}-daemons.json"
 
     def _watch_exits(self, plan: ClusterPlan) -> None:
         """From ready on, each daemon that exits is shown at once on this process's stderr."""
+        write_daemons_file(str(self._daemons_file(plan)), self._daemons_map, ready=True)
         root = plan.root.rstrip("/") + "/"
         self._watch = DeathWatch(self._exits_file(plan), keep=lambda ex: ex.dir.startswith(root))
 
