@@ -123,8 +123,8 @@ def test_the_watch_shows_each_new_record_once_and_keeps_only_its_own(tmp_path: P
 def test_the_summary_says_what_died_and_what_was_left() -> None:
     died = [DaemonExit("ray-worker", "local2", 1, "/l", "/d")]
     assert teardown_summary(2, 1.234, [], [], []) == "stopped 2 daemons in 1.23 s; nothing left"
-    assert teardown_summary(2, 1.0, died, [], []) == (
-        "stopped 1 of 2 daemons in 1.00 s; 1 had exited before the stop: ray-worker on local2 "
+    assert teardown_summary(1, 1.0, died, [], []) == (
+        "stopped 1 daemon in 1.00 s; 1 had exited before the stop: ray-worker on local2 "
         "(exited with code 1); nothing left")
     assert teardown_summary(2, 1.0, died, [4242, 17], []).endswith(
         "processes still running after the stop: [17, 4242]")

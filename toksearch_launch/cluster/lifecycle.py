@@ -436,8 +436,9 @@ class Cluster:
                     send_term=launcher.signal_stop, on_stuck=launcher.cancel,
                 )
                 warnings = launcher.stop_warnings(daemons)
-                self.summary = teardown_summary(len(daemons), time.monotonic() - t0, self.exits,
-                                                self.leftovers, warnings)
+                dead = {ex.dir for ex in self.exits}
+                stopped = sum(1 for d in daemons if d.node_dir not in dead)
+                self.summary = teardown_summary(stopped, time.monotonic() - t0, self.exits, self.leftovers, warnings)
                 if self.leftovers:
                     self._note(self.summary, logging.ERROR)
                 elif not quiet:  # a failed start (quiet) has already said which daemon exited
@@ -458,15 +459,13 @@ class Cluster:
             self.timings["stop"] = time.monotonic() - t0
 
 
-def teardown_summary(n_daemons: int, seconds: float, exits: list[DaemonExit], leftovers: list[int],
+def teardown_summary(stopped: int, seconds: float, exits: list[DaemonExit], leftovers: list[int],
                      unconfirmed: list[str]) -> str:
-    """One line: how many daemons were stopped, which had died before the stop, what was left.
+    """One line: how many daemons the stop stopped, which had died before it, what was left.
 
     ``leftovers`` is what the stop found still running here (by session and temp-dir
     marker); ``unconfirmed`` the nodes whose wrapper did not confirm a clean stop."""
-    alive = n_daemons - len(exits)
-    parts = [f"stopped {alive} of {n_daemons} daemons in {seconds:.2f} s" if exits
-             else f"stopped {n_daemons} daemons in {seconds:.2f} s"]
+    parts = [f"stopped {stopped} daemon{'' if stopped == 1 else 's'} in {seconds:.2f} s"]
     if exits:
         parts.append(f"{len(exits)} had exited before the stop: " + ", ".join(ex.brief() for ex in exits))
     if leftovers:
