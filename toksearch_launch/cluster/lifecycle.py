@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from ..config import RUN_DIR_ENV, load_job_config, validate
 from . import hooks
-from .backend import foreign_env, get_backend, info_env
+from .backend import Role, foreign_env, get_backend, info_env
+from .deaths import DAEMONS_ENV, EXITS_ENV, DaemonExit, DeathWatch, write_daemons_file
 from .dirs import TMP_PREFIX, make_private_dir, make_root, write_private
 from .errors import ClusterError, StartError
 from .launcher import Launcher, launcher_for
@@ -80,6 +81,12 @@ class Cluster:
         self.launcher: Optional[Launcher] = None
         self.timings: dict[str, float] = {}
         self.leftovers: list[int] = []
+        #: daemons that exited while the job ran (before the stop), as their wrappers reported them
+        self.exits: list[DaemonExit] = []
+        #: the last teardown's summary line (what died before it, what was left after it)
+        self.summary: str = ""
+        self._watch: Optional[DeathWatch] = None
+        self._daemons_map: dict[str, dict[str, str]] = {}
         self.daemons: list[Daemon] = []
         #: every daemon leader (session id) this cluster ever started, retries included
         self.started_pids: list[int] = []
@@ -124,6 +131,7 @@ class Cluster:
             try:
                 preflight(self.backend, self.cfg, plan)
                 self._launch(plan)
+                self._watch_exits(plan)
                 break
             except StartError as exc:
                 self._teardown(quiet=True)
@@ -263,7 +271,7 @@ class Cluster:
         self.engine.prepare(plan)
         self.launcher = launcher = launcher_for(plan)
         head_role, worker_role = self.engine.roles(plan)
-        env = self._base_env()
+        env = {**self._base_env(), **self._exit_reporting(plan, [head_role, worker_role])}
         self.daemons = []
         self._spawn(head_role, env)
         workers: list[Daemon] = []
@@ -307,6 +315,29 @@ class Cluster:
             f"node addresses: {', '.join(f'{h}={a}' for h, a in zip(plan.hosts, self.node_addresses))}"
         )
         self._write_info()
+
+    @staticmethod
+    def _exits_file(plan: ClusterPlan) -> Path:
+        return plan.log_dir / f"{plan.backend}-{os.path.basename(plan.root)}-exits.jsonl"
+
+    def _exit_reporting(self, plan: ClusterPlan, roles: list[Role]) -> dict[str, str]:
+        """Where the step wrappers record a daemon that exits unasked, and the file that tells
+        each wrapper (by its daemon's dir) its role, node and log: the env every node shares."""
+        self._daemons_map = {n.node_dir: {"role": r.name, "node": n.host, "log": str(n.log_path)}
+                             for r in roles for n in r.nodes}
+        if not plan.dry_run:
+            write_daemons_file(str(self._daemons_file(plan)), self._daemons_map, ready=False)
+        return {EXITS_ENV: str(self._exits_file(plan)), DAEMONS_ENV: str(self._daemons_file(plan))}
+
+    @staticmethod
+    def _daemons_file(plan: ClusterPlan) -> Path:
+        return plan.log_dir / f"{plan.backend}-{os.path.basename(plan.root)}-daemons.json"
+
+    def _watch_exits(self, plan: ClusterPlan) -> None:
+        """From ready on, each daemon that exits is shown at once on this process's stderr."""
+        write_daemons_file(str(self._daemons_file(plan)), self._daemons_map, ready=True)
+        root = plan.root.rstrip("/") + "/"
+        self._watch = DeathWatch(self._exits_file(plan), keep=lambda ex: ex.dir.startswith(root))
 
     def _observed_addresses(self, plan: ClusterPlan, seen: list[str]) -> list[str]:
         """Planned addresses, with the ones only the nodes knew filled in from what registered."""
@@ -380,22 +411,39 @@ class Cluster:
         with hooks.signals_deferred():
             self._teardown_now(quiet)
 
+    def _exited_before_stop(self, daemons: list[Daemon]) -> list[DaemonExit]:
+        """What the wrappers reported, plus any daemon whose step already ended without a record."""
+        watch, self._watch = self._watch, None
+        exits = watch.stop() if watch is not None else []
+        reported = {ex.dir for ex in exits}
+        if self.launcher is not None:
+            for d in daemons:
+                rc = self.launcher.exit_code(d)
+                if rc is not None and d.node_dir not in reported:
+                    exits.append(DaemonExit(d.role, d.host, rc, str(d.log_path), d.node_dir))
+        return exits
+
     def _teardown_now(self, quiet: bool) -> None:
         plan, launcher = self.plan, self.launcher
         daemons, self.daemons = self.daemons, []
         t0 = time.monotonic()
         try:
+            self.exits = self._exited_before_stop(daemons)  # before any stop signal: these died by themselves
             if daemons and launcher is not None:
                 self.leftovers = terminate(
                     daemons, markers=[plan.root] if plan is not None else [], grace=STOP_GRACE,
                     kill_wait=STOP_KILL_WAIT, head_last=self.engine.head_last,
                     send_term=launcher.signal_stop, on_stuck=launcher.cancel,
                 )
+                warnings = launcher.stop_warnings(daemons)
+                dead = {ex.dir for ex in self.exits}
+                stopped = sum(1 for d in daemons if d.node_dir not in dead)
+                self.summary = teardown_summary(stopped, time.monotonic() - t0, self.exits, self.leftovers, warnings)
                 if self.leftovers:
-                    self._note(f"processes still running after stop: {self.leftovers}", logging.ERROR)
-                elif not quiet:
-                    self._note(f"stopped {len(daemons)} daemons in {time.monotonic() - t0:.2f} s; nothing left")
-                for warning in launcher.stop_warnings(daemons):
+                    self._note(self.summary, logging.ERROR)
+                elif not quiet:  # a failed start (quiet) has already said which daemon exited
+                    self._note(self.summary, logging.WARNING if self.exits or warnings else logging.INFO)
+                for warning in warnings:
                     self._note(warning, logging.WARNING)
         finally:
             if plan is not None:
@@ -409,3 +457,21 @@ class Cluster:
                     pass
                 self._info_path = None
             self.timings["stop"] = time.monotonic() - t0
+
+
+def teardown_summary(stopped: int, seconds: float, exits: list[DaemonExit], leftovers: list[int],
+                     unconfirmed: list[str]) -> str:
+    """One line: how many daemons the stop stopped, which had died before it, what was left.
+
+    ``leftovers`` is what the stop found still running here (by session and temp-dir
+    marker); ``unconfirmed`` the nodes whose wrapper did not confirm a clean stop."""
+    parts = [f"stopped {stopped} daemon{'' if stopped == 1 else 's'} in {seconds:.2f} s"]
+    if exits:
+        parts.append(f"{len(exits)} had exited before the stop: " + ", ".join(ex.brief() for ex in exits))
+    if leftovers:
+        parts.append(f"processes still running after the stop: {sorted(leftovers)}")
+    elif unconfirmed:
+        parts.append(f"nothing left here; {len(unconfirmed)} nodes did not confirm a clean stop")
+    else:
+        parts.append("nothing left")
+    return "; ".join(parts)

@@ -18,7 +18,10 @@ daemon outlives a killed owner by about a second.  On SIGUSR1 (the launcher sign
 which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
 daemon's session with the package's one TERM -> grace -> KILL routine
 (:func:`~.procs.terminate`), removes the temp dir, and reports whether
-anything remained.
+anything remained.  A daemon that exits while nobody asked it to stop is reported
+at once: one line ``toksearch_launch: ROLE on NODE exited with code N while the job
+ran (log: PATH)`` on stderr and a record in the run dir for the owner
+(:mod:`.deaths`); then its session is stopped as above.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Optional
 
 from ..procutil import exit_status
 from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
+from .deaths import EXITS_ENV, DaemonExit, exit_of, record_exit
 from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
 from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
@@ -160,6 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")  # type: ignore[index]
     elif rc is None:
         _say(f"signal {stop['signal']}: stopping session {child.pid}")
+    elif not stop["signal"]:  # nobody asked: the daemon died while the job ran
+        report_exit(args.dir, rc, os.path.basename(cmd[0]), host)
     # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
     remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
     _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone, presence=presence)
@@ -172,6 +178,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stop["signal"] or owner_gone:
         return 0
     return exit_status(rc)
+
+
+def report_exit(node_dir: str, returncode: int, fallback_role: str, host: str) -> DaemonExit:
+    """The daemon exited unasked: one line on stderr (its log) and a record in the run dir,
+    which the owner's :class:`~.deaths.DeathWatch` shows on the owner's stderr at once."""
+    ex = exit_of(node_dir, returncode, os.environ, fallback_role, host)
+    print(ex.line(), file=sys.stderr, flush=True)
+    record_exit(os.environ.get(EXITS_ENV), ex)
+    return ex
 
 
 def _owner_here(env: "os._Environ[str]") -> bool:
