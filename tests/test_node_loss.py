@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import pytest
+
 from toksearch_launch.pipeline.driver import in_flight
 from toksearch_launch.pipeline.node_loss import NodeWatch, lost_node_line, node_name, unique_names
 
@@ -184,3 +186,27 @@ def test_in_flight_checks_after_each_wait_and_closes_at_the_end():
     assert seen == [0, 1, 2, 3]
     # the look after partition 2's wait saw tsn2 gone with 2 and 3 in flight; 3 came back rerun
     assert engine.lines == [lost_node_line("tsn2", "ray", 1)]
+
+
+def test_ray_notices_of_a_lost_node_are_dropped_during_a_compute_and_nothing_else(monkeypatch):
+    pytest.importorskip("ray")
+    from ray._private import worker
+
+    from toksearch_launch.pipeline.node_loss import quiet_ray_node_loss
+
+    printed = []
+    monkeypatch.setattr(worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"][0]))
+    notices = [
+        "Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL ...\n    [state-dump] ...",
+        "The node with node id: f5d3d376 and address: 10.77.0.2 and node name: 10.77.0.2 has been marked dead "
+        "because the detector has missed too many heartbeats from it.\n\t(2) raylet has lagging heartbeats",
+        "Task _ray_partition failed. There are 3 retries remaining, so the task will be retried. Error: Task "
+        "failed because the node it was running on is dead or unavailable.",
+    ]
+    others = ["Task _ray_partition failed. Retries exhausted. Error: ...", "some worker's own line"]
+    with quiet_ray_node_loss():
+        for line in notices + others:
+            worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, False)
+        worker.print_to_stdstream({"lines": [notices[0]], "pid": 1234, "is_err": True}, False)  # not Ray's notice
+    worker.print_to_stdstream({"lines": [notices[0]], "pid": "raylet", "is_err": False}, False)  # after the compute
+    assert printed == others + [notices[0], notices[0]]

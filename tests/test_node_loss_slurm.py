@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +50,16 @@ def cluster_processes(node: str, owner_pid: int) -> list[psutil.Process]:
     return found
 
 
+def node_cpus(node: str) -> int:
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True).stdout
+    return int(re.search(r"\bCPUTot=(\d+)", out).group(1))
+
+
+def marks_on(marks: Path, node: str) -> int:
+    """Records started on ``node`` so far (the job's marks name their host)."""
+    return sum(1 for name in os.listdir(marks) if name.split(".")[1] == node)
+
+
 def partitions_started_twice(run_dir: Path, marks: Path) -> int:
     """Stored partitions with a record whose start was marked more than once (the job's own count)."""
     starts = Counter(int(name.split(".", 1)[0]) for name in os.listdir(marks))
@@ -72,14 +84,21 @@ def test_a_worker_node_lost_mid_run_is_named_and_the_results_are_complete(tmp_pa
     owner_pid, head = int(owner.group(1)), owner.group(2)
     victim = next(node for node in ("tsn2", "tsn3") if node != head)
     store = run_dir / "results" / "compute-1"
-    wait_for(lambda: store.exists() and len(part_files(store)) >= 6, 300, 0.2, "six partitions stored")
+    # mid-run, and once the victim's workers are warm: it has started records of two partitions or more
+    wait_for(lambda: store.exists() and len(part_files(store)) >= 6 and marks_on(marks, victim) > 2 * total // numparts,
+             300, 0.2, f"six partitions stored and records started on {victim}")
     procs = wait_for(lambda: cluster_processes(victim, owner_pid), 30, what=f"the cluster's processes on {victim}")
     for proc in procs:  # all at once, like a node that dies
         try:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    print(f"\nkilled {len(procs)} processes on {victim} with {len(part_files(store))}/{numparts} partitions stored")
+    killed_at, stored_at_kill = time.monotonic(), len(part_files(store))
+    said = wait_for(lambda: "lost node" in out.read_text() or job_field(job_id, "JobState") in FINAL, 600, 0.2,
+                    "the lost-node line or the job's end")
+    stored_at_line = len(part_files(store))
+    print(f"\nkilled {len(procs)} processes on {victim} with {stored_at_kill}/{numparts} partitions stored; "
+          f"the line came {time.monotonic() - killed_at:.1f} s later, with {stored_at_line} stored")
     state = wait_for(lambda: job_field(job_id, "JobState") if job_field(job_id, "JobState") in FINAL else "",
                      600, 1.0, f"job {job_id} to end")
     text = out.read_text()
@@ -90,8 +109,17 @@ def test_a_worker_node_lost_mid_run_is_named_and_the_results_are_complete(tmp_pa
     assert results.stats == want.stats
     lost = [line for line in text.splitlines() if "lost node" in line]
     print("\n".join(lost))
-    reruns = partitions_started_twice(run_dir, marks)
-    noun = "partition" if reruns == 1 else "partitions"
-    assert lost == [f"toksearch_launch: lost node {victim} ({backend}) during compute_{backend}; "
-                    f"{reruns} {noun} rerun on the remaining nodes"], text
-    assert reruns >= 1  # the node was running partitions when it died
+    [line] = lost  # one line for the one lost node
+    said_reruns = int(re.fullmatch(rf"toksearch_launch: lost node {victim} \({backend}\) during compute_{backend}; "
+                                   r"(\d+) partitions? rerun on the remaining nodes", line).group(1))
+    # The job's own count: partitions with a record started twice. The engine's count can be
+    # higher, never lower: a task started on the lost node before its first record is rerun
+    # too (seen with Spark: 2 said, 1 marked). It can be no higher than the tasks the node ran
+    # at once: one per CPU (Ray), the worker's 2 cores (Spark, tests/conf/site/tsci.yaml).
+    marked = partitions_started_twice(run_dir, marks)
+    slots = node_cpus(victim) if backend == "ray" else min(2, node_cpus(victim))
+    print(f"reruns: said {said_reruns}, marked {marked}, slots on {victim} {slots}")
+    assert 1 <= marked <= said_reruns <= slots, (marked, said_reruns, slots)
+    assert said and stored_at_line < numparts  # said while the compute went on
+    if backend == "ray":  # Ray's own notices of the loss (dozens of lines) gave way to the one line
+        assert "Raylet is terminated" not in text and "retries remaining" not in text, text

@@ -22,12 +22,14 @@ int per partition.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import re
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Set
+from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Set
 
 #: Seconds between two looks at the engine's node list.
 POLL_S = 2.0
@@ -173,6 +175,42 @@ def ray_live_nodes() -> Dict[str, str]:
     alive = {n["NodeID"]: (n.get("NodeManagerHostname", ""), n.get("NodeManagerAddress", ""))
              for n in ray.nodes() if n.get("Alive")}
     return unique_names(alive)
+
+
+#: The first words of Ray's own messages about a lost node (one per lost raylet, with the last
+#: 20 lines of its log; one for the node marked dead; one per task it will retry).
+RAY_NODE_LOSS_TEXT = re.compile(
+    r"Raylet is terminated\. Termination is unexpected"
+    r"|The node with node id: \S+ and address: \S+ and node name: \S+ has been marked dead"
+    r"|Task \S+ failed\. There are \d+ retries remaining, so the task will be retried"
+)
+
+
+@contextlib.contextmanager
+def quiet_ray_node_loss() -> Iterator[None]:
+    """While a compute runs, Ray's notices about a lost node are not printed (the raylet's death
+    with the last 20 lines of its log, the node marked dead, each task to be retried): the
+    node-loss line says it in one line. Every other message Ray sends the driver passes, errors
+    included (a task whose retries are exhausted fails the compute with Ray's full error)."""
+    try:
+        from ray._private import worker
+
+        original = worker.print_to_stdstream  # what Ray's error listener calls, by this name, per message
+    except (ImportError, AttributeError):  # a Ray without it: its messages stay as they are
+        yield
+        return
+
+    def without_node_loss(data: Dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines") or [""]
+        if data.get("pid") == "raylet" and RAY_NODE_LOSS_TEXT.match(str(lines[0])):
+            return
+        original(data, ignore_prefix)
+
+    worker.print_to_stdstream = without_node_loss
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = original
 
 
 def ray_attempt() -> Optional[int]:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from toksearch_launch.cluster import job_cluster
 from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
-from toksearch_launch.pipeline.node_loss import NodeWatch, ray_attempt, ray_live_nodes
+from toksearch_launch.pipeline.node_loss import NodeWatch, quiet_ray_node_loss, ray_attempt, ray_live_nodes
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
@@ -82,10 +82,11 @@ class RayExecutor:
 
         window = self.num_cpus + max(1, self.num_cpus // 4)
         watch = NodeWatch("ray", ray_live_nodes)
-        for index, ref in in_flight(chunks, stop, window, self._submit, wait_some, cancel, watch):
-            rows, stats, attempt = ray.get(ref)
-            watch.finished(index, attempt)
-            yield index, (records_from_wire(rows), stats)
+        with quiet_ray_node_loss():  # the watch's one line instead of Ray's many
+            for index, ref in in_flight(chunks, stop, window, self._submit, wait_some, cancel, watch):
+                rows, stats, attempt = ray.get(ref)
+                watch.finished(index, attempt)
+                yield index, (records_from_wire(rows), stats)
 
 
 def alive_nodes() -> Tuple[List[str], int]:
