@@ -241,7 +241,7 @@ def spark_attempt() -> Optional[int]:
 def dask_live_nodes(client: Any) -> Dict[str, str]:
     """worker address -> name of every Dask worker (one scheduler query)."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return {address: node_name(str(info.get("host", address))) for address, info in workers.items()}
+    return unique_names({address: (node_name(str(info.get("host", ""))), address) for address, info in workers.items()})
 
 
 def dask_reruns(client: Any, keys: Collection[str]) -> int:
