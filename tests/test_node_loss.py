@@ -210,3 +210,19 @@ def test_ray_notices_of_a_lost_node_are_dropped_during_a_compute_and_nothing_els
         worker.print_to_stdstream({"lines": [notices[0]], "pid": 1234, "is_err": True}, False)  # not Ray's notice
     worker.print_to_stdstream({"lines": [notices[0]], "pid": "raylet", "is_err": False}, False)  # after the compute
     assert printed == others + [notices[0], notices[0]]
+
+
+def test_a_failed_run_says_what_was_seen_without_another_look():
+    engine = Engine(THREE)
+    watch = engine.watch(poll_s=1.0)
+    handles = Handles()
+    with pytest.raises(RuntimeError):
+        for index, _ in in_flight(list(range(3)), NoStop(), 2, handles.submit, handles.wait_some, lambda h: None, watch):
+            engine.now += 1.0
+            if index == 0:
+                del engine.nodes["b"]
+            if index == 1:
+                looks = engine.looks
+                raise RuntimeError("the head is gone")
+    assert engine.looks == looks  # no look at the end: a dead engine could hang it
+    assert engine.lines == [lost_node_line("tsn2", "ray", 0)]

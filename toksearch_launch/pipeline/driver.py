@@ -62,9 +62,12 @@ def in_flight(
     each wait and says what it found when the loop ends."""
     try:
         yield from _in_flight(chunks, stop, window, submit, wait_some, cancel, watch)
-    finally:
+    except BaseException:  # a failed or abandoned run: say what was seen, look no more (the engine may hang)
         if watch is not None:
-            watch.close()
+            watch.close(look=False)
+        raise
+    if watch is not None:
+        watch.close()
 
 
 def _in_flight(chunks: Sequence[Any], stop: Any, window: int, submit: Callable[[Any], Any],

@@ -117,9 +117,10 @@ class NodeWatch:
         self.unattributed += rerun
         self._say_done(final=False)
 
-    def close(self) -> None:
-        """The run of partitions is over: a last look, then every loss not yet said is said."""
-        self._poll(())
+    def close(self, look: bool = True) -> None:
+        """The run of partitions is over: a last look (unless it failed), then every loss not yet said is said."""
+        if look:
+            self._poll(())
         self._say_done(final=True)
 
     def _look(self) -> Optional[Mapping[str, str]]:
