@@ -17,6 +17,7 @@ from toksearch_launch.cluster import job_cluster
 from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.local_backends import usable_cpus
+from toksearch_launch.pipeline.node_loss import NodeWatch, dask_live_nodes, dask_reruns
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet
 from toksearch_launch.pipeline.store import AUTO, resolve_store
@@ -44,10 +45,14 @@ class DaskExecutor:
     def results(self, chunks: List[List[Item]], stop: Any) -> Iterator[Tuple[int, PartitionResult]]:
         """About one partition per worker thread in flight (plus a few queued), each fetched as it finishes."""
         finished = threading.Event()  # set by each future as it finishes (distributed.wait needs a default client)
+        running: set = set()  # keys in flight, for the reruns of a lost worker
+        watch = NodeWatch("dask", lambda: dask_live_nodes(self.client),
+                          count_reruns=lambda _: dask_reruns(self.client, running))
 
         def submit(chunk: List[Item]) -> Any:
             future = self.client.submit(_dask_partition, self.ops, chunk, pure=False)
             future.add_done_callback(lambda _: finished.set())
+            running.add(future.key)
             return future
 
         def wait_some(futures: List[Any], timeout: float) -> List[Any]:
@@ -62,7 +67,8 @@ class DaskExecutor:
             self.client.cancel(futures, force=True)
 
         window = self.num_cpus + max(1, self.num_cpus // 4)
-        for index, future in in_flight(chunks, stop, window, submit, wait_some, cancel):
+        for index, future in in_flight(chunks, stop, window, submit, wait_some, cancel, watch):
+            running.discard(future.key)
             rows, stats = future.result()
             yield index, (records_from_wire(rows), stats)
 

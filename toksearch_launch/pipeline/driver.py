@@ -49,6 +49,7 @@ def in_flight(
     submit: Callable[[Any], Any],
     wait_some: Callable[[List[Any], float], Iterable[Any]],
     cancel: Callable[[List[Any]], None],
+    watch: Any = None,
 ) -> Iterator[Tuple[int, Any]]:
     """The submission loop the cluster executors share: at most ``window`` partitions in
     flight, each ``(index, handle)`` handed back as it finishes; on a stop nothing new is
@@ -56,7 +57,22 @@ def in_flight(
 
     ``submit(chunk)`` returns a hashable handle (a Ray ref, a Dask or thread future),
     ``wait_some(handles, timeout)`` the finished ones (none on a timeout) and
-    ``cancel(handles)`` abandons them."""
+    ``cancel(handles)`` abandons them. A ``watch``
+    (:class:`~toksearch_launch.pipeline.node_loss.NodeWatch`) looks for lost nodes after
+    each wait and says what it found when the loop ends."""
+    try:
+        yield from _in_flight(chunks, stop, window, submit, wait_some, cancel, watch)
+    except BaseException:  # a failed or abandoned run: say what was seen, look no more (the engine may hang)
+        if watch is not None:
+            watch.close(look=False)
+        raise
+    if watch is not None:
+        watch.close()
+
+
+def _in_flight(chunks: Sequence[Any], stop: Any, window: int, submit: Callable[[Any], Any],
+               wait_some: Callable[[List[Any], float], Iterable[Any]], cancel: Callable[[List[Any]], None],
+               watch: Any) -> Iterator[Tuple[int, Any]]:
     pending = iter(enumerate(chunks))
     running: Dict[Any, int] = {}
     exhausted = False
@@ -70,6 +86,8 @@ def in_flight(
         if not running:
             return
         finished = list(wait_some(list(running), POLL_S))
+        if watch is not None:
+            watch.check(running.values())
         if not finished and stop.abandon_now():
             cancel(list(running))
             return

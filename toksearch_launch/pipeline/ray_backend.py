@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from toksearch_launch.cluster import job_cluster
 from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
+from toksearch_launch.pipeline.node_loss import NodeWatch, quiet_ray_node_loss, ray_attempt, ray_live_nodes
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
@@ -24,10 +25,11 @@ LOCAL_RAY_DEFAULTS: Dict[str, Any] = {"include_dashboard": False, "logging_level
 INLINE_LIMIT = 64 * 1024
 
 
-def _ray_partition(payload: bytes, chunk: List[Any]) -> Tuple[List[dict], RunStats]:
+def _ray_partition(payload: bytes, chunk: List[Any]) -> Tuple[List[dict], RunStats, Optional[int]]:
+    """(records, stats, this task's attempt number: above 0 when Ray reran it, e.g. after a node loss)."""
     import pickle
 
-    return run_partition_wire(pickle.loads(payload), chunk)
+    return (*run_partition_wire(pickle.loads(payload), chunk), ray_attempt())
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,9 +81,12 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
 
         window = self.num_cpus + max(1, self.num_cpus // 4)
-        for index, ref in in_flight(chunks, stop, window, self._submit, wait_some, cancel):
-            rows, stats = ray.get(ref)
-            yield index, (records_from_wire(rows), stats)
+        watch = NodeWatch("ray", ray_live_nodes)
+        with quiet_ray_node_loss():  # the watch's one line instead of Ray's many
+            for index, ref in in_flight(chunks, stop, window, self._submit, wait_some, cancel, watch):
+                rows, stats, attempt = ray.get(ref)
+                watch.finished(index, attempt)
+                yield index, (records_from_wire(rows), stats)
 
 
 def alive_nodes() -> Tuple[List[str], int]:

@@ -13,20 +13,22 @@ from toksearch_launch.cluster import job_cluster
 from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.local_backends import usable_cpus
+from toksearch_launch.pipeline.node_loss import NodeWatch, spark_attempt, spark_live_nodes
 from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import ResultSet, SparkRecordSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
 
 
-def _spark_partition(broadcast: Any, chunks: Iterable[List[Item]]) -> Iterator[PartitionResult]:
-    """A partition holds one chunk; it yields a single (records, stats). The steps come from a
+def _spark_partition(broadcast: Any, chunks: Iterable[List[Item]]) -> Iterator[Tuple[Any, ...]]:
+    """A partition holds one chunk; it yields a single (records, stats, attempt number: above 0
+    when Spark reran the task, e.g. after an executor loss). The steps come from a
     broadcast (cloudpickled once per run), unpickled once per Python worker."""
     ops = getattr(broadcast, "_toksearch_ops", None)  # the worker's broadcast object lives as long as the run
     if ops is None:
         ops = pickle.loads(broadcast.value)
         broadcast._toksearch_ops = ops
     items = [item for chunk in chunks for item in chunk]
-    yield run_partition_wire(ops, items)
+    yield (*run_partition_wire(ops, items), spark_attempt())
 
 
 class SparkExecutor:
@@ -44,9 +46,11 @@ class SparkExecutor:
         rdd = self.sc.parallelize(chunks, len(chunks))
         func = functools.partial(_spark_partition, self.broadcast)
 
-        def one(index: int) -> Tuple[int, PartitionResult]:
-            [(rows, stats)] = self.sc.runJob(rdd, func, [index])
-            return index, (records_from_wire(rows), stats)
+        watch = NodeWatch("spark", functools.partial(spark_live_nodes, self.sc))
+
+        def one(index: int) -> Tuple[int, PartitionResult, Optional[int]]:
+            [(rows, stats, attempt)] = self.sc.runJob(rdd, func, [index])
+            return index, (records_from_wire(rows), stats), attempt
 
         def wait_some(futures: List[Any], timeout: float) -> Any:
             return concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)[0]
@@ -55,8 +59,10 @@ class SparkExecutor:
         try:
             for _, future in in_flight(list(range(len(chunks))), stop, self.num_cpus,
                                        lambda index: pool.submit(one, index), wait_some,
-                                       lambda futures: self.sc.cancelAllJobs()):
-                yield future.result()
+                                       lambda futures: self.sc.cancelAllJobs(), watch):
+                index, result, attempt = future.result()
+                watch.finished(index, attempt)
+                yield index, result
         finally:
             pool.shutdown(wait=not stop.requested, cancel_futures=True)
 
