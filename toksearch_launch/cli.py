@@ -390,6 +390,9 @@ def _run_jobs(inv: Invocation, jobs: List[Job], cwd: str) -> List[JobResult]:
     """
     results: List[JobResult] = []
     first_error: Optional[BaseException] = None
+    if not inv.dry_run:
+        for job in jobs:
+            _require_writable(job.run_dir)
     for job in jobs:
         failed_before = any(r.exit_code != 0 for r in results)
         result = JobResult(job.overrides, str(job.run_dir), EXIT_USAGE, note="not run")
@@ -411,6 +414,20 @@ def _run_jobs(inv: Invocation, jobs: List[Job], cwd: str) -> List[JobResult]:
     if first_error is not None and not _started(results):
         raise first_error
     return results
+
+
+def _require_writable(run_dir: Path) -> None:
+    """Refuse a run dir that cannot be made, before any job is planned or said (every job of a
+    sweep would fail alike); writes nothing. The error is the OSError mkdir would raise."""
+    import errno
+
+    path = Path(os.path.abspath(run_dir))
+    child = path
+    while not path.exists() and path != path.parent:
+        path, child = path.parent, path
+    if child != path and path.is_dir() and not os.access(path, os.W_OK):  # an existing run dir: its first write tells
+        code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(child))
 
 
 def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
