@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import sys
-import urllib.request
 from typing import TYPE_CHECKING, Any, Optional
 
 from .auth import DAEMON_ENV, random_token
@@ -153,9 +152,14 @@ def write_driver_conf(plan: "ClusterPlan") -> None:
     write_private(os.path.join(d, "spark-defaults.conf"), "\n".join(lines) + "\n")
 
 
-#: Reads the master's /json/ directly: HPC nodes often set http_proxy, and a proxy
-#: cannot reach (or misreports) a cluster-internal address.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+@functools.lru_cache(maxsize=None)
+def direct_opener() -> Any:
+    """Reads the master's /json/ directly: HPC nodes often set http_proxy, and a proxy
+    cannot reach (or misreports) a cluster-internal address. Built on first use: the CLI's
+    dry run plans with this module and must not pay for urllib.request."""
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class Probe:
@@ -186,7 +190,7 @@ class Probe:
             except OSError:
                 return False
         try:
-            with _DIRECT.open(self.url, timeout=1.0) as resp:
+            with direct_opener().open(self.url, timeout=1.0) as resp:
                 state = json.load(resp)
         except (OSError, ValueError) as exc:
             self.error = str(exc)
