@@ -182,7 +182,7 @@ def test_worker_that_fails_to_start_fails_the_job_fast(tmp_path):
     text = result.stdout + result.stderr
     assert "tsn2" in text or "tsn3" in text
     assert "no-such-ray-option" in text  # the command and the tail of its log
-    assert elapsed < 60, f"took {elapsed:.1f}s (deadline 120s)"
+    assert elapsed < 120, f"took {elapsed:.1f}s: the worker's exit, not the 120 s ready deadline, must end the start"
     assert_nothing_left()
 
 
