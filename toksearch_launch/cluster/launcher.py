@@ -52,11 +52,12 @@ class Launcher(Protocol):
     def daemons(self, role: Role) -> list[Daemon]:
         """The daemons of ``role``, with the exact argv each node runs (nothing started: the dry run)."""
     def spawn(self, role: Role, env: dict[str, str]) -> list[Daemon]:
-        """Start every daemon of ``role`` (one call for K nodes), each as a session leader."""
+        """Start every daemon of ``role`` in one call (SLURM: one step for its K nodes; local: one
+        process per node), each under a session leader."""
     def watch(self, daemon: Daemon) -> None:
         """While starting: learn what only the node knows (its address, its step)."""
     def exit_code(self, daemon: Daemon) -> Optional[int]:
-        """None while it runs."""
+        """That node's exit code (not its step's, which other nodes share); None while it runs."""
     def signal_stop(self, daemons: list[Daemon]) -> None:
         """Ask each to stop cleanly."""
     def cancel(self, daemon: Daemon) -> None:
