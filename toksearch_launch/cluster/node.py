@@ -258,7 +258,11 @@ def run_from_spec(path: str, node: Optional[str] = None) -> int:
     if entry is None:
         _say(f"ERROR: node {node} has no entry in {path} (nodes: {', '.join(sorted(spec.get('nodes', {})))})")
         return 2
-    fd = os.open(entry["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(entry["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:  # srun's step log shows this line (the run dir must be shared)
+        _say(f"ERROR on {node}: cannot open its log {entry['log']}: {exc.strerror}")
+        return 2
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)  # this node's own log: the wrapper's lines, then its daemon's output
