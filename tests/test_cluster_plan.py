@@ -230,8 +230,12 @@ def test_spark_commands_slurm(tmp_path, monkeypatch):
     assert [(d.role, d.host) for d in ds] == [("spark-master", "n10"), ("spark-worker", "n10"),
                                              ("spark-worker", "n1")]
     m = ds[0].argv
-    assert m[:9] == ["srun", "--nodes=1", "--ntasks=1", "-w", "n10", "--export=ALL", "--gres=gpu:volta:0",
-                     "--overlap", sys.executable]
+    # the master is its own one-node step, with the role's srun options; the workers share one step
+    assert ds[0].step.argv[:11] == ["srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--nodelist=n10", "--export=ALL",
+                                    "--kill-on-bad-exit=0", "--wait=0", "--label", "--gres=gpu:volta:0", "--overlap"]
+    assert ds[1].step is ds[2].step and ds[1].step.argv[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                                                                "--nodelist=n[1,10]"]
+    assert m[:3] == [sys.executable, "-m", "toksearch_launch.cluster.node"]
     tail = m[m.index("--") + 1:]
     assert tail[1:] == ["org.apache.spark.deploy.master.Master", "--host", "10.1.0.10", "--port",
                         str(plan.ports.head["master"]), "--webui-port", str(plan.ports.head["master_ui"])]
@@ -292,12 +296,14 @@ def test_plan_commands_dry_run_is_pure_and_redacted():
     data = json.loads(res.stdout)
     assert data["imported"] == []
     ray_cmds, spark_cmds = data["out"]["ray"], data["out"]["spark"]
-    assert len(ray_cmds) == 3 and len(spark_cmds) == 4
+    # one step per role, then what each node's wrapper runs: head step + 1, worker step + 2 (spark: + 3)
+    assert len(ray_cmds) == 5 and len(spark_cmds) == 6
     text = json.dumps(data["out"])
     assert "hunter2" not in text and "<redacted>" in text
     assert "<IP:node1>" in text and "<port:gcs>" in text and "tsl-XXXXXX" in text
-    assert ray_cmds[1][:5] == ["srun", "--nodes=1", "--ntasks=1", "-w", "node2"]
-    tail = ray_cmds[0][ray_cmds[0].index("--") + 1:]
+    assert ray_cmds[2][:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=node[2-3]"]
+    assert ray_cmds[2][-2:] == ["--spec", "/tmp/run/steps/tsl-XXXXXX-ray-worker.json"]
+    tail = ray_cmds[1][ray_cmds[1].index("--") + 1:]
     assert tail[1:4] == ["start", "--head", "--node-ip-address"]
 
 

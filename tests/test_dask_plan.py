@@ -72,8 +72,9 @@ def test_slurm_secret_reaches_each_node_through_the_wrapper(tmp_path, monkeypatc
     plan = planmod.make_plan("dask", as_typed(tree), ["n1", "n2"], tmp_path)
     try:
         ds = launcher.daemons_of(plan)
-        assert all(d.argv[:6] == ["srun", "--nodes=1", "--ntasks=1", "-w", d.host, "--export=ALL"] for d in ds)
-        assert all("--overlap" in d.argv for d in ds)  # the schema's default dask.*.srun
+        assert [d.step.argv[:5] for d in ds] == [["srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--nodelist=n1"]] + \
+            [["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=n[1-2]"]] * 2
+        assert all("--overlap" in d.step.argv for d in ds)  # the schema's default dask.*.srun
         assert ds[2].env["_TOKSEARCH_SECRET"].startswith("-----BEGIN PRIVATE KEY-----")
         assert ds[2].env["_TOKSEARCH_SECRET_FILE"] == plan.secret_file
         assert "--check-ports" in ds[2].argv

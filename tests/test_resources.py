@@ -142,8 +142,9 @@ def test_dry_run_shows_per_node_placeholders():
     cfg = site_cfg("saga", nodes=2)
     ray = plan_commands("ray", cfg, ["node1", "node2"])
     spark = plan_commands("spark", cfg, ["node1", "node2"])
-    assert ray[1][ray[1].index("--num-gpus") + 1] == "<gpus:node2>"
-    assert spark[2][-5:-1] == ["-c", "<cpus:node2>", "-m", "<memory:node2>"]
+    # [head step, head, worker step, node2's worker (, ...)]: what node2's wrapper runs
+    assert ray[3][ray[3].index("--num-gpus") + 1] == "<gpus:node2>"
+    assert spark[4][-5:-1] == ["-c", "<cpus:node2>", "-m", "<memory:node2>"]
 
 
 def test_dask_memory_limit_per_process_from_the_allocation(tmp_path, monkeypatch):
@@ -198,7 +199,7 @@ def test_dry_run_on_the_plain_config_equals_the_omegaconf_plan(tmp_path, profile
     cfg = site_cfg(profile, nodes=3, ray={"worker": {"start": ["--num-cpus=8"]}})
     hosts = ["node1", "node2", "node3"]
     direct = planmod.make_plan(backend, cfg, hosts, Path(cfg.site.tmp_base) / "run", dry_run=True)
-    assert plan_commands(backend, cfg, hosts) == [redact(d.argv) for d in launcher.daemons_of(direct)]
+    assert plan_commands(backend, cfg, hosts) == [redact(argv) for argv in launcher.commands_of(direct)]
     plain = planmod.plain_config(cfg)
     assert plain.site.address.method == cfg.site.address.method and plain["ray"].worker.start == ["--num-cpus=8"]
     with pytest.raises(AttributeError):

@@ -1,6 +1,15 @@
 """Step wrapper: runs one cluster daemon on a SLURM node and owns its teardown there.
 
-    srun --nodes=1 --ntasks=1 -w NODE ... python -m toksearch_launch.cluster.node \\
+    srun --nodes=K --ntasks-per-node=1 --nodelist=NODES ... python -m toksearch_launch.cluster.node \\
+        --spec RUN_DIR/steps/tsl-ab12cd-ray-worker.json
+
+One task per node: the wrapper looks up its node (``SLURMD_NODENAME``, else the
+host name) in the role's spec file, appends its output to that node's log, adds
+the node's env, and runs as if called with that node's own options
+(:func:`run_from_spec`); its last line is ``toksearch-node: exit=N host=NODE``.
+The options themselves (site=local passes them directly)::
+
+    python -m toksearch_launch.cluster.node \\
         --root /tmp/tsl-ab12cd --dir /tmp/tsl-ab12cd/r2 [--ip IP | --interface IF] [--ip-env VAR] \\
         [--check-ports 20010-20015,...] -- ray start ... --block
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -236,5 +246,60 @@ def _cleanup(args: argparse.Namespace, secret_file: Optional[str], orphaned: boo
         pass
 
 
+# ------------------------------------------------------------------ one step, many nodes: pick this node
+
+
+def this_node_name(env: "dict[str, str] | os._Environ[str]") -> str:
+    """The node this task runs on, by Slurm's name for it (``SLURMD_NODENAME``), else the host name."""
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def node_entry(spec: dict, node: str) -> Optional[dict]:
+    """Pure: this node's entry of a role's spec (by its name, or its short name)."""
+    nodes = spec.get("nodes", {})
+    return nodes.get(node) or nodes.get(node.split(".")[0])
+
+
+def run_from_spec(path: str, node: Optional[str] = None) -> int:
+    """Run this node's part of a role's step: its log, its env, its own options (:func:`main`)."""
+    node = node or this_node_name(os.environ)
+    try:
+        with open(path) as fh:
+            spec = json.load(fh)
+    except (OSError, ValueError) as exc:
+        _say(f"ERROR on {node}: cannot read the step's spec {path}: {exc}")
+        return 2
+    entry = node_entry(spec, node)
+    if entry is None:
+        _say(f"ERROR: node {node} has no entry in {path} (nodes: {', '.join(sorted(spec.get('nodes', {})))})")
+        return 2
+    try:
+        fd = os.open(entry["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:  # srun's step log shows this line (the run dir must be shared)
+        _say(f"ERROR on {node}: cannot open its log {entry['log']}: {exc.strerror}")
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)  # this node's own log: the wrapper's lines, then its daemon's output
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.update(entry.get("env", {}))
+    rc = 1
+    try:
+        rc = main(list(entry["argv"]))
+        return rc
+    finally:
+        _say(f"exit={rc} host={node}")
+
+
+def entry_point(argv: Optional[list[str]] = None) -> int:
+    """``--spec FILE [--node NAME]`` (one task of a role's step), else the node's own options."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--spec"] and len(argv) >= 2:
+        node = argv[3] if argv[2:3] == ["--node"] and len(argv) >= 4 else None
+        return run_from_spec(argv[1], node)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

@@ -150,20 +150,21 @@ def _placeholder_addresses(hosts: list[str], rule: Any, local: bool) -> list[Opt
 
 
 def plan_commands(backend: str, cfg: Any, hosts: list[str]) -> list[list[str]]:
-    """Pure: the argv of every daemon the job would start on ``hosts`` (head first).
+    """Pure: every command the job would run on ``hosts`` (head first): on SLURM each role's one
+    ``srun`` step followed by what its wrapper runs on each node; site=local each daemon's argv.
 
     No address is resolved, no port checked, nothing imported from the engines;
     values only the running job knows read as placeholders (``<IP:tsn1>``,
     ``<port:gcs>``, ``/tmp/tsl-XXXXXX``).  Secrets are never on a command line.
     """
     from ..procutil import redact
-    from .launcher import daemons_of
+    from .launcher import commands_of
 
     if not hosts:
         raise ClusterError("plan_commands needs at least one host")
     cfg = plain_config(cfg)
     plan = make_plan(backend, cfg, list(hosts), Path(cfg.site.get("tmp_base", "/tmp")) / "run", dry_run=True)
-    return [redact(d.argv) for d in daemons_of(plan)]
+    return [redact(argv) for argv in commands_of(plan)]
 
 
 class PlainConfig(dict):
