@@ -228,9 +228,10 @@ def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool) -> str:
                      "compute_ray(numparts=N)": "one record per partition, TokSearch's default"}
             out.append(table(f"Ray, {label}, {cpus} CPUs (local ray.init {init_s:.1f} s, excluded)", n, times,
                              "hand-written Ray", notes, cpu))
+            print(out[-1], "\n", flush=True)  # each workload as it is done (the example's takes minutes)
     finally:
         ray.shutdown()
-    return "\n\n".join(out)
+    return ""
 
 
 #: Runs per CPU sample in the Ray section (CPU time is counted in 10 ms ticks).
@@ -368,7 +369,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, run in sections:
         if name in skip:
             continue
-        print(run(), "\n", flush=True)
+        text = run()
+        if text:
+            print(text, "\n", flush=True)
     return 0
 
 
