@@ -2,9 +2,12 @@
 
 Sections (each prints a markdown table):
 
-1. Ray: ``compute_ray()`` vs a hand-written Ray program doing the same work with
-   the same batching (same partitions), and vs one record per partition
-   (TokSearch's default). Goal: >= 0.9x the hand-written program.
+1. Ray (a local ``ray.init(num_cpus=2)``): ``compute_ray()`` vs a hand-written Ray
+   program doing the same work with the same batching (same partitions: a
+   ``@ray.remote`` function over the same shot chunks building the same dicts),
+   alternated ``--ray-repeat`` times, 3 runs each, with the CPU per run of the driver
+   and every Ray process (load-proof, unlike wall time); optionally vs one record per
+   partition (TokSearch's default). Goal: >= 0.9x the hand-written program.
 2. Spark: the same with ``compute_spark()`` and PySpark.
 3. ``compute_multiprocessing()`` vs ``compute_serial()``.
 4. Synthetic signal with 5 ms latency per fetch: throughput against node count on
@@ -134,32 +137,69 @@ def compare(runs: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, Lis
     return times
 
 
-def table(title: str, n: int, times: Dict[str, List[float]], reference: str, notes: Dict[str, str]) -> str:
-    ref = min(times[reference])
+def table(title: str, n: int, times: Dict[str, List[float]], reference: str, notes: Dict[str, str],
+          cpu: Optional[Dict[str, List[float]]] = None) -> str:
+    """Best and median per contender, and the ratio of each to ``reference`` (best and median);
+    with ``cpu``, the median CPU seconds per run of this process and its children."""
+    ref, ref_median = min(times[reference]), statistics.median(times[reference])
+    cpu_head, cpu_rule = (" median CPU ms (driver + Ray) |", "---:|") if cpu else ("", "")
     lines = [
         f"### {title}",
         "",
-        f"| contender | records | best s | median s | records/s (best) | vs {reference} |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| contender | records | runs | best s | median s | records/s (best) | vs {reference} (best) | "
+        f"vs {reference} (median) |{cpu_head}",
+        f"|---|---:|---:|---:|---:|---:|---:|---:|{cpu_rule}",
     ]
     for name, ts in times.items():
-        best = min(ts)
+        best, median = min(ts), statistics.median(ts)
         note = f" ({notes[name]})" if name in notes else ""
+        cpu_cell = f" {statistics.median(cpu[name]) * 1000:.0f} |" if cpu and name in cpu else (" - |" if cpu else "")
         lines.append(
-            f"| {name}{note} | {n} | {best:.3f} | {statistics.median(ts):.3f} | {n / best:,.0f} | {ref / best:.2f}x |"
+            f"| {name}{note} | {n} | {len(ts)} | {best:.3f} | {median:.3f} | {n / best:,.0f} | {ref / best:.2f}x | "
+            f"{ref_median / median:.2f}x |{cpu_cell}"
         )
     return "\n".join(lines)
+
+
+def cpu_seconds() -> float:
+    """CPU (user + system) used so far by this process and every child (a local Ray's raylet,
+    GCS and workers): a figure the machine's load does not inflate, unlike wall time."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def compare_with_cpu(runs: Dict[str, Callable[[], object]], repeat: int, per_sample: int
+                     ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """:func:`compare`, plus CPU seconds per run measured over ``per_sample`` runs at a time
+    (the kernel counts CPU in 10 ms ticks)."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    cpu: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            before = cpu_seconds()
+            for _ in range(per_sample):
+                times[name].append(timed(fn))
+            cpu[name].append((cpu_seconds() - before) / per_sample)
+    return times, cpu
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def bench_ray(n: int, repeat: int) -> str:
+def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool) -> str:
     import ray
 
     shots = list(range(165920, 165920 + n))
     start = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
     init_s = time.perf_counter() - start
     out = []
     try:
@@ -175,22 +215,27 @@ def bench_ray(n: int, repeat: int) -> str:
             def ours() -> object:
                 return build(shots).compute_ray()
 
-            def one_per_record() -> object:
+            def one_per_record_run() -> object:
                 return build(shots).compute_ray(numparts=len(shots))
 
             timed(hand), timed(ours)  # warm up workers and imports
-            times = compare({"compute_ray()": ours, "hand-written Ray": hand}, repeat)
-            times.update(compare({"compute_ray(numparts=N)": one_per_record}, 1))
+            times, cpu = compare_with_cpu({"compute_ray()": ours, "hand-written Ray": hand}, repeat, RAY_PER_SAMPLE)
+            if one_per_record:
+                times.update(compare({"compute_ray(numparts=N)": one_per_record_run}, 1))
             check = build(shots).compute_ray(verbose=False)
             assert [r.shot for r in check] == shots and check.num_errors == 0
             notes = {"compute_ray()": f"{parts} partitions", "hand-written Ray": f"{parts} tasks",
                      "compute_ray(numparts=N)": "one record per partition, TokSearch's default"}
             out.append(table(f"Ray, {label}, {cpus} CPUs (local ray.init {init_s:.1f} s, excluded)", n, times,
-                             "hand-written Ray", notes))
+                             "hand-written Ray", notes, cpu))
+            print(out[-1], "\n", flush=True)  # each workload as it is done (the example's takes minutes)
     finally:
         ray.shutdown()
-    return "\n\n".join(out)
+    return ""
 
+
+#: Runs per CPU sample in the Ray section (CPU time is counted in 10 ms ticks).
+RAY_PER_SAMPLE = 3
 
 #: Records for Spark's one-record-per-partition run (10,000 tasks would take minutes).
 SPARK_ONE_PER_RECORD = 500
@@ -296,6 +341,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--ray-repeat", type=int, default=10,
+                        help=f"alternations in the Ray section (each {RAY_PER_SAMPLE} runs of each contender)")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="num_cpus of the local ray.init")
+    parser.add_argument("--ray-one-per-record", action="store_true",
+                        help="also time compute_ray(numparts=N), one task per record (about a minute)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: ray,spark,mp,nodes")
     parser.add_argument("--nodes", default="1,2,3", help="node counts for the scaling section")
     parser.add_argument("--latency", type=float, default=0.005, help="seconds per fetch in the scaling section")
@@ -308,7 +358,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"## bench_pipeline ({platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start)\n", flush=True)
     sections: List[Tuple[str, Callable[[], str]]] = [
-        ("ray", lambda: bench_ray(args.records, args.repeat)),
+        ("ray", lambda: bench_ray(args.records, args.ray_repeat, args.ray_cpus, args.ray_one_per_record)),
         ("spark", lambda: bench_spark(args.records, args.repeat)),
         ("mp", lambda: bench_mp(args.records, args.repeat)),
     ]
@@ -319,7 +369,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, run in sections:
         if name in skip:
             continue
-        print(run(), "\n", flush=True)
+        text = run()
+        if text:
+            print(text, "\n", flush=True)
     return 0
 
 
