@@ -73,8 +73,12 @@ def test_a_worker_node_lost_mid_run_is_named_and_the_results_are_complete(tmp_pa
     want = make_pipeline(total, 0.0).compute_serial(store=None)
     marks = tmp_path / "marks"
     marks.mkdir()
+    env = {"PYTHONPATH": str(ROOT / "tests")}
+    if backend == "ray":  # Ray marks a node dead after 5 missed 3-s health checks (~17 s measured), which
+        # may outlast this short run; a site that wants faster detection sets the same (Ray's own env config)
+        env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3")
     submitted = run_cli([*TEST_SITE, "-b", "-N", "3", *JOB, backend, str(total), str(latency), str(numparts),
-                         str(marks)], tmp_path, env={"PYTHONPATH": str(ROOT / "tests")})
+                         str(marks)], tmp_path, env=env)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = job_id_from(submitted.stdout)
     run_dir = Path(re.search(r"run dir (\S+);", submitted.stdout).group(1))
