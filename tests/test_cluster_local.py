@@ -277,8 +277,10 @@ def test_signal_to_job_process_stops_its_cluster(tmp_path, how, sig, nodes):
         argv = [PY, "-c", JOB_SCRIPT]
     else:
         argv = [PY, "-m", "toksearch_launch.cluster.eager", "--backend", "ray", "--", PY, "-c", EAGER_SLEEP]
+    # SIGINT as at a terminal: a shell's background job (CI started with `&`) inherits it ignored
     p = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = Reader(p)
     try:
         assert out.wait_for(lambda ln: ln.startswith("READY "), 150), out.text[-3000:]
