@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI, ROOT, TESTS, run_cli
+from slurm_support import job_field, wait_for
 from test_faults import slurm_job_processes, time_to_clean
 
 PORTS_JOB = [sys.executable, str(TESTS / "ports_job.py")]
@@ -80,19 +81,7 @@ def children_of(pid: int) -> list[int]:
 
 def job_state(job_id: str) -> str:
     """scontrol's JobState ("" once scontrol forgot the job)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    match = re.search(r"\bJobState=(\S+)", out)
-    return match.group(1) if match else ""
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return job_field(job_id, "JobState")
 
 
 # --- SIGKILL of toksearch_submit itself ------------------------------------------------------------
@@ -111,8 +100,8 @@ def test_slurm_sigkill_of_the_launcher_while_its_job_pends_cancels_it(tmp_path):
         [salloc] = children_of(launched.proc.pid)
         with time_to_clean("slurm, SIGKILL of toksearch_submit while its job pends"):
             launched.kill()
-            wait_until(lambda: job_state(job_id) in ("CANCELLED", "") and not pid_alive(salloc), 30,
-                       f"job {job_id} cancelled and salloc {salloc} gone")
+            wait_for(lambda: job_state(job_id) in ("CANCELLED", "") and not pid_alive(salloc), 30, 0.1,
+                     f"job {job_id} cancelled and salloc {salloc} gone")
     finally:
         launched.kill()
         subprocess.run(["scancel", job_id] if "job_id" in locals() else ["true"])
@@ -135,9 +124,9 @@ def test_slurm_sigkill_of_the_launcher_during_a_run_ends_the_allocation_and_its_
         [salloc] = children_of(launched.proc.pid)
         with time_to_clean("slurm, SIGKILL of toksearch_submit during a run (2-node dask)"):
             launched.kill()
-            wait_until(lambda: job_state(job_id) in ("CANCELLED", "COMPLETED", "FAILED", "")
-                       and not pid_alive(salloc) and slurm_job_processes([job_id]) == {}, 40,
-                       f"job {job_id} ended and nothing of it left on any node")
+            wait_for(lambda: job_state(job_id) in ("CANCELLED", "COMPLETED", "FAILED", "")
+                     and not pid_alive(salloc) and slurm_job_processes([job_id]) == {}, 40, 0.1,
+                     f"job {job_id} ended and nothing of it left on any node")
     finally:
         launched.kill()
         if job_id:
@@ -162,8 +151,8 @@ def test_local_sigkill_of_the_launcher_stops_the_script_and_its_cluster(tmp_path
         sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
         with time_to_clean("site=local, SIGKILL of toksearch_submit during a run (2-node dask)"):
             launched.kill()
-            wait_until(lambda: not alive(pids, sids) and not Path(info["root"]).exists(), 40,
-                       "the script, its cluster and its temp dir gone")
+            wait_for(lambda: not alive(pids, sids) and not Path(info["root"]).exists(), 40, 0.1,
+                     "the script, its cluster and its temp dir gone")
     finally:
         launched.kill()
     assert alive(pids, sids) == set()
