@@ -22,12 +22,37 @@ Importing this package never imports ray, pyspark or dask (the CLI must stay fas
 
 from __future__ import annotations
 
-from .backend import backend_names, get_backend
-from .errors import ClusterError, StartError
-from .hooks import job_cluster, stop_all
-from .lifecycle import Cluster
-from .plan import plan_commands
-from .site import default_local_config
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it, imported on first use (PEP 562), so that
+#: the CLI's dry run, which needs only the planner, does not load the lifecycle, the
+#: launchers and the hooks.
+_EXPORTS = {
+    "Cluster": ".lifecycle",
+    "ClusterError": ".errors",
+    "StartError": ".errors",
+    "backend_names": ".backend",
+    "default_local_config": ".site",
+    "get_backend": ".backend",
+    "job_cluster": ".hooks",
+    "plan_commands": ".plan",
+    "stop_all": ".hooks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Cluster",
