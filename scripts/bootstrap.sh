@@ -47,4 +47,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -c "import toksearch_launch, hydra, ray, pyspark, mdsthin"
     echo "$want" > "$stamp"
 fi
+# bytecode for the package, as a regular (non-editable) pip install writes it: without it every
+# toksearch_submit compiles its modules again (~0.2 s), where PYTHONDONTWRITEBYTECODE is set
+.venv/bin/python -m compileall -q toksearch_launch >/dev/null || true
 python3 -c "import sys, time; print(f\"bootstrap: ready in {time.time() - float(sys.argv[1]):.1f}s (.venv/bin/toksearch_submit)\")" "$t0"

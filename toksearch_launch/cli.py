@@ -353,9 +353,9 @@ def _print_dry_run(plan, cfg) -> None:
         except Exception as exc:  # a dry run reports, it does not fail on the in-job part
             print(f"# in-job {backend} commands: cannot plan: {_one_line(exc)}")
             continue
-        print(f"# in-job {backend} cluster, for nodes {','.join(hosts)}:")
-        for argv in commands:
-            print(f"#   {display(argv)}")
+        lines = [f"# in-job {backend} cluster, for nodes {','.join(hosts)}:"]
+        lines += [f"#   {display(argv)}" for argv in commands]
+        print("\n".join(lines))  # one write: 1,000 nodes print 2,000 lines
 
 
 def _exit_code_of(exc: BaseException) -> int:
