@@ -45,6 +45,20 @@ class RunStats:
     #: Records that came out with at least one entry in ``errors``.
     records_with_errors: int = 0
 
+    def to_wire(self) -> List[Any]:
+        """The stats as a list of ints and lists, which Ray sends with msgpack: a RunStats itself
+        would go through cloudpickle, once per partition on each side."""
+        details = [[shot, info] for shot, info in self.where_error_details]
+        return [self.records_in, self.records_out, self.filtered, self.where_errors,
+                list(self.where_error_shots), details, self.records_with_errors]
+
+    @classmethod
+    def from_wire(cls, wire: Sequence[Any]) -> "RunStats":
+        """The RunStats :meth:`to_wire` described."""
+        records_in, records_out, filtered, where_errors, shots, details, with_errors = wire
+        return cls(records_in, records_out, filtered, where_errors, list(shots),
+                   [(shot, info) for shot, info in details], with_errors)
+
     def merge(self, other: "RunStats") -> None:
         """Add another partition's stats (partitions are merged in input order)."""
         self.records_in += other.records_in

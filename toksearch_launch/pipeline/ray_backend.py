@@ -13,7 +13,7 @@ from toksearch_launch.cluster import job_cluster
 from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.node_loss import NodeWatch, quiet_ray_node_loss, ray_attempt, ray_live_nodes
-from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
+from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire, run_partition_wire
 from toksearch_launch.pipeline.results import RayRecordSet, ResultSet, as_record_set
 from toksearch_launch.pipeline.store import AUTO, resolve_store
 
@@ -29,7 +29,7 @@ INLINE_LIMIT = 64 * 1024
 
 def _ray_partition(payload: bytes, chunk: List[Any]) -> List[Any]:
     """``[rows, stats, attempt]``: a list, not a tuple, so Ray sends the rows with msgpack (only
-    the stats and values msgpack cannot hold are pickled, each on its own). A tuple would pickle
+    values msgpack cannot hold are pickled, each on its own; the stats go as a list). A tuple would pickle
     everything, whose unpickling set off about 3x the garbage collections on the driver
     (28 against 8 for 10,000 records) and with them a full collection every few runs.
     ``attempt`` is this task's attempt number: above 0 when Ray reran it, e.g. after a node loss."""
@@ -37,7 +37,7 @@ def _ray_partition(payload: bytes, chunk: List[Any]) -> List[Any]:
 
     with young_objects_collected():
         rows, stats = run_partition_wire(pickle.loads(payload), chunk)
-    return [rows, stats, ray_attempt()]
+    return [rows, stats.to_wire(), ray_attempt()]
 
 
 @contextlib.contextmanager
@@ -135,7 +135,7 @@ class RayExecutor:
                     rows, stats, attempt = fetched.pop(ref) if ref in fetched else ray.get(ref)
                     records = records_from_wire(rows)
                 watch.finished(index, attempt)
-                yield index, (records, stats)
+                yield index, (records, RunStats.from_wire(stats))
 
 
 def fetch_all(refs: List[Any]) -> Dict[Any, Any]:
