@@ -44,9 +44,10 @@ def _ray_partition(payload: bytes, chunk: List[Any]) -> List[Any]:
 def young_objects_collected() -> Iterator[None]:
     """For a partition's duration, garbage collections look only at the objects made during it.
 
-    A Ray process holds about 65,000 objects of Ray's own (the driver: the user's too); every
-    few thousand records built, a full collection walked them all, the largest single cost of
-    a trivial partition. ``gc.freeze()`` sets them aside until ``gc.unfreeze()`` gives them back
+    A Ray process holds about 65,000 objects of Ray's own (the driver: the user's too); the
+    collections set off by building a partition's records walked them all now and then (with
+    the records copied for the wire, the largest single cost of a trivial partition in py-spy).
+    ``gc.freeze()`` sets them aside until ``gc.unfreeze()`` gives them back
     to the oldest generation: nothing is left uncollected, only collected later. Skipped when
     the process froze objects itself or turned collection off."""
     if not gc.isenabled() or gc.get_freeze_count():
