@@ -20,6 +20,11 @@ warmed up first, so startup is excluded (it is reported separately). Numbers are
 the best of ``--repeat`` runs, with the median; alternated so load hits both alike.
 
     .venv/bin/python bench/bench_pipeline.py [--records 10000] [--repeat 3] [--skip ray,spark,mp,nodes]
+
+The Ray section alone (issue 12.6; about 3 minutes on a quiet machine, most of it the example's
+work; ``--ray-workloads trivial`` for the trivial map alone, about 30 s):
+
+    .venv/bin/python bench/bench_pipeline.py --skip spark,mp,nodes --scaling-backends "" --ray-repeat 6
 """
 
 from __future__ import annotations
@@ -93,11 +98,11 @@ def hand_example(shots: Sequence[int]) -> List[dict]:
     return out
 
 
-#: (label, pipeline builder, hand-written equivalent working on a list of shots)
-WORKLOADS = [
-    ("trivial map", trivial_pipeline, hand_trivial),
-    ("example: fetch synthetic ipmhd + max", example_pipeline, hand_example),
-]
+#: name -> (label, pipeline builder, hand-written equivalent working on a list of shots)
+WORKLOADS = {
+    "trivial": ("trivial map", trivial_pipeline, hand_trivial),
+    "example": ("example: fetch synthetic ipmhd + max", example_pipeline, hand_example),
+}
 
 
 def latency_pipeline(shots: Sequence[int], latency: float) -> Pipeline:
@@ -194,7 +199,7 @@ def compare_with_cpu(runs: Dict[str, Callable[[], object]], repeat: int, per_sam
 # --------------------------------------------------------------------------- sections
 
 
-def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool) -> str:
+def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool, workloads: Sequence[str]) -> str:
     import ray
 
     shots = list(range(165920, 165920 + n))
@@ -205,7 +210,7 @@ def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool) -> str:
     try:
         cpus = int(ray.cluster_resources()["CPU"])
         parts = default_numparts(cpus)
-        for label, build, hand_fn in WORKLOADS:
+        for label, build, hand_fn in [WORKLOADS[name] for name in workloads]:
             remote_hand = ray.remote(hand_fn)
 
             def hand() -> list:
@@ -227,11 +232,17 @@ def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool) -> str:
             notes = {"compute_ray()": f"{parts} partitions", "hand-written Ray": f"{parts} tasks",
                      "compute_ray(numparts=N)": "one record per partition, TokSearch's default"}
             out.append(table(f"Ray, {label}, {cpus} CPUs (local ray.init {init_s:.1f} s, excluded)", n, times,
-                             "hand-written Ray", notes, cpu))
+                             "hand-written Ray", notes, cpu)
+                       + f"\n\nload average {load_average()} at the end of this workload")
             print(out[-1], "\n", flush=True)  # each workload as it is done (the example's takes minutes)
     finally:
         ray.shutdown()
     return ""
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: wall times on a shared machine are read against them."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 #: Runs per CPU sample in the Ray section (CPU time is counted in 10 ms ticks).
@@ -254,7 +265,7 @@ def bench_spark(n: int, repeat: int) -> str:
     try:
         cpus = sc.defaultParallelism
         parts = default_numparts(cpus)
-        for label, build, hand_fn in WORKLOADS:
+        for label, build, hand_fn in WORKLOADS.values():
 
             def hand() -> list:
                 return sc.parallelize(shots, parts).mapPartitions(hand_fn).collect()
@@ -290,7 +301,7 @@ def bench_spark(n: int, repeat: int) -> str:
 def bench_mp(n: int, repeat: int) -> str:
     shots = list(range(165920, 165920 + n))
     out = []
-    for label, build, _ in WORKLOADS:
+    for label, build, _ in WORKLOADS.values():
         times = compare(
             {"compute_serial()": lambda: build(shots).compute_serial(),
              "compute_multiprocessing()": lambda: build(shots).compute_multiprocessing()},
@@ -344,6 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ray-repeat", type=int, default=10,
                         help=f"alternations in the Ray section (each {RAY_PER_SAMPLE} runs of each contender)")
     parser.add_argument("--ray-cpus", type=int, default=2, help="num_cpus of the local ray.init")
+    parser.add_argument("--ray-workloads", default=",".join(WORKLOADS),
+                        help=f"comma list of the Ray section's workloads: {','.join(WORKLOADS)}")
     parser.add_argument("--ray-one-per-record", action="store_true",
                         help="also time compute_ray(numparts=N), one task per record (about a minute)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: ray,spark,mp,nodes")
@@ -358,7 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"## bench_pipeline ({platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start)\n", flush=True)
     sections: List[Tuple[str, Callable[[], str]]] = [
-        ("ray", lambda: bench_ray(args.records, args.ray_repeat, args.ray_cpus, args.ray_one_per_record)),
+        ("ray", lambda: bench_ray(args.records, args.ray_repeat, args.ray_cpus, args.ray_one_per_record,
+                                  [w.strip() for w in args.ray_workloads.split(",") if w.strip()])),
         ("spark", lambda: bench_spark(args.records, args.repeat)),
         ("mp", lambda: bench_mp(args.records, args.repeat)),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from itertools import chain
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from toksearch_launch.pipeline.ops import Item, RunStats
@@ -219,7 +220,7 @@ def drive(
             if stop.requested:
                 break
             index_chunks = split_evenly(batch, nparts)
-            chunks = [[records[k] for k in chunk] for chunk in index_chunks]
+            chunks = [list(map(records.__getitem__, chunk)) for chunk in index_chunks]  # C loops
             shots = [[item_shot(item) for item in chunk] for chunk in chunks] if store is not None else None
             part_sizes.extend(len(c) for c in chunks)
             if verbose:
@@ -324,7 +325,7 @@ def _merge(
     for part in parts:
         stats.merge(part[2])
     if not earlier:
-        return [rec for part in parts for rec in part[1]], stats
+        return list(chain.from_iterable(part[1] for part in parts)), stats  # one C loop over the records
     pairs: List[Tuple[int, Record]] = []
     for positions, recs, _, out_positions in parts:
         if out_positions is None:

@@ -169,12 +169,12 @@ def unique_names(nodes: Mapping[str, Any]) -> Dict[str, str]:
 # -- per engine: the live nodes, and the attempt number a task sees ---------------------------
 
 
-def ray_live_nodes() -> Dict[str, str]:
-    """NodeID -> name of every alive Ray node (one GCS query)."""
+def ray_live_nodes(table: Optional[List[Dict[str, Any]]] = None) -> Dict[str, str]:
+    """NodeID -> name of every alive Ray node (one GCS query, or ``table``: ``ray.nodes()`` already read)."""
     import ray
 
     alive = {n["NodeID"]: (n.get("NodeManagerHostname", ""), n.get("NodeManagerAddress", ""))
-             for n in ray.nodes() if n.get("Alive")}
+             for n in (ray.nodes() if table is None else table) if n.get("Alive")}
     return unique_names(alive)
 
 

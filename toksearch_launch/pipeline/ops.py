@@ -10,6 +10,7 @@ give identical results.
 from __future__ import annotations
 
 import functools
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -43,6 +44,20 @@ class RunStats:
     where_error_details: List[Tuple[int, Dict[str, str]]] = field(default_factory=list)
     #: Records that came out with at least one entry in ``errors``.
     records_with_errors: int = 0
+
+    def to_wire(self) -> List[Any]:
+        """The stats as a list of ints and lists, which Ray sends with msgpack: a RunStats itself
+        would go through cloudpickle, once per partition on each side."""
+        details = [[shot, info] for shot, info in self.where_error_details]
+        return [self.records_in, self.records_out, self.filtered, self.where_errors,
+                list(self.where_error_shots), details, self.records_with_errors]
+
+    @classmethod
+    def from_wire(cls, wire: Sequence[Any]) -> "RunStats":
+        """The RunStats :meth:`to_wire` described."""
+        records_in, records_out, filtered, where_errors, shots, details, with_errors = wire
+        return cls(records_in, records_out, filtered, where_errors, list(shots),
+                   [(shot, info) for shot, info in details], with_errors)
 
     def merge(self, other: "RunStats") -> None:
         """Add another partition's stats (partitions are merged in input order)."""
@@ -295,13 +310,14 @@ def run_partition(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[Record
     # Signals fetched outside the pipeline's steps (Signal.fetch inside a map) are in
     # this process's registry; they are cleaned up like the pipeline's own.
     registry = SignalRegistry()
+    registered = registry._signals  # its dict: len() of it is no Python call per record
     own = {id(sig) for sig in signals}
-    extras: List[Any] = []
+    to_clean: List[Any] = list(signals)
     seen_in_registry = -1
     # map() steps are called inline (one Python call less per record and step).
     plan = [(op.func, op.name) if type(op) is Map else (None, op) for op in steps]
     new, update = dict.__new__, dict.update
-    count = with_errors = 0
+    count = 0
     try:
         for item in items:
             count += 1
@@ -321,15 +337,13 @@ def run_partition(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[Record
                     current = step(current, stats)
                     if current is None:
                         break
-            if len(registry._signals) != seen_in_registry:  # len() of the dict: no Python call per record
-                extras = [sig for sig in registry.signals if id(sig) not in own]
-                seen_in_registry = len(registry._signals)
-            if signals or extras:
-                _cleanup_shot(signals + extras, rec["shot"])
+            if len(registered) != seen_in_registry:
+                to_clean = signals + [sig for sig in registry.signals if id(sig) not in own]
+                seen_in_registry = len(registered)
+            if to_clean:
+                _cleanup_shot(to_clean, dict.__getitem__(rec, "shot"))
             if current is not None:
                 append(current)
-                if current["errors"]:
-                    with_errors += 1
     finally:
         for sig in signals + [s for s in registry.signals if id(s) not in own]:
             try:
@@ -339,8 +353,16 @@ def run_partition(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[Record
         registry.reset()
     stats.records_in = count
     stats.records_out = len(out)
-    stats.records_with_errors = with_errors
+    stats.records_with_errors = with_errors_count(out)
     return out, stats
+
+
+def with_errors_count(records: List[Record]) -> int:
+    """How many of ``records`` have an entry in ``errors`` (counted in C loops, after the partition)."""
+    return sum(map(bool, map(_ERRORS, records)))
+
+
+_ERRORS = operator.itemgetter("errors")
 
 
 def _cleanup_shot(signals: Sequence[Any], shot: int) -> None:
@@ -355,7 +377,7 @@ def run_partition_wire(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[d
     """:func:`run_partition` for a remote worker: records as plain dicts, which pickle about
     five times faster than a dict subclass; the driver turns them back (:func:`records_from_wire`)."""
     recs, stats = run_partition(ops, items)
-    return [dict(r) for r in recs], stats
+    return list(map(dict, recs)), stats
 
 
 def records_from_wire(rows: List[dict]) -> List[Record]:

@@ -103,7 +103,8 @@ class Pipeline:
                 )
             #: Shot numbers (ints) or Records; Records for plain shots are made by
             #: the workers, so only small ints travel to them.
-            self._items: List[Item] = list(items) if isinstance(items, range) else [_to_item(i) for i in items]
+            self._items: List[Item] = (list(items) if isinstance(items, range)  # ints: no call per shot
+                                       else [i if type(i) is int else _to_item(i) for i in items])
             self._ops = []
 
     # ------------------------------------------------------------------ building
