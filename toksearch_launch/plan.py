@@ -242,6 +242,20 @@ def _sbatch_line(*tokens: str) -> str:
     return "#SBATCH " + " ".join(shlex.quote(t) for t in tokens)
 
 
+#: The batch script's marker argument for its second pass, run by toksearch_launch.attempt.
+ATTEMPT_ARG = "--attempt"
+ATTEMPT_COMMENT = ("# One attempt of COMMAND: toksearch_launch.attempt logs its start and exit code in jobs.jsonl "
+                   "(what --status and --resume go by), passes Slurm's signals on, and runs this script again as its child.")
+
+
+def attempt_line(python: str) -> str:
+    """The batch script's first pass execs the attempt wrapper, which reruns the script with
+    ``--attempt``; that second pass goes on to ``exec COMMAND`` (so COMMAND is still exec'd by
+    the shell, as without the wrapper)."""
+    return (f'[ "$1" = {ATTEMPT_ARG} ] || exec {shlex.quote(python)} -m toksearch_launch.attempt -- '
+            f'/bin/bash "$0" {ATTEMPT_ARG}')
+
+
 def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts, notes: List[str]) -> str:
     """The job.sbatch file: #SBATCH options, the job's environment, then COMMAND (shlex-quoted)."""
     lines = ["#!/bin/bash", _sbatch_line("-N", str(cfg.nodes))]
@@ -259,6 +273,8 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     if cfg.site.scheduler == "slurm":
         lines.append("# The run directory must be on a filesystem the nodes share: fail at once if not.")
         lines.append(run_dir_check("$" + CONFIG_ENV))
+    lines.append(ATTEMPT_COMMENT)
+    lines.append(attempt_line(facts.python))
     lines.append(f"cd {shlex.quote(facts.cwd)}")
     # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
     # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
