@@ -371,3 +371,10 @@ def test_finished_means_the_last_attempt_ended_with_exit_code_0():
     assert not is_finished(complete, [started, ok, requeued])  # a later attempt, still running or killed
     assert not is_finished([StoreSummary("compute-1", 10, 9, 0, 0, "running", 1)], [started, ok])
     assert not is_finished(complete, [])  # no attempt logged: never called finished
+
+
+def test_a_no_requeue_option_is_kept_and_the_job_continues_in_fresh_jobs():
+    cfg = compose(["mode=batch", "batch.sbatch=['--time=2','--no-requeue']", "batch.requeue=true"])
+    validate(cfg)
+    lines = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w")).script.splitlines()
+    assert "#SBATCH --no-requeue" in lines and "#SBATCH --requeue" not in lines

@@ -264,8 +264,10 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     grace = stop_signal_grace(cfg, options)
     if grace:  # B: the batch step's COMMAND (exec'd below) gets it, not every step
         options.append(f"--signal=B:USR1@{grace}")
-    if cfg.batch.requeue:  # the requeued attempt appends to the same output file
+    if cfg.batch.requeue and "--no-requeue" not in options:  # the requeued attempt appends to the same output file
         options += ["--requeue", "--open-mode=append"]
+    # With the user's --no-requeue Slurm refuses `scontrol requeue`: the job then continues in
+    # a fresh job instead (toksearch_launch.resume.continue_after_stop), as on a site that forbids requeues.
     options += [f"--job-name={cfg.batch.job_name}", f"--output={run_dir / BATCH_OUTPUT}"]
     lines += [_sbatch_line(o) for o in options]
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
