@@ -262,7 +262,7 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     options = ["--exclusive"] if cfg.site.exclusive else []
     options += _without_x11(cfg.batch.sbatch, "batch.sbatch", facts, notes)
     grace = stop_signal_grace(cfg, options)
-    if grace:  # B: the batch step's COMMAND (exec'd below) gets it, not every step
+    if grace:  # B: the batch step's process gets it (the attempt wrapper, which passes it to COMMAND), not every step
         options.append(f"--signal=B:USR1@{grace}")
     if cfg.batch.requeue and "--no-requeue" not in options:  # the requeued attempt appends to the same output file
         options += ["--requeue", "--open-mode=append"]
@@ -278,8 +278,8 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     lines.append(ATTEMPT_COMMENT)
     lines.append(attempt_line(facts.python))
     lines.append(f"cd {shlex.quote(facts.cwd)}")
-    # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
-    # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
+    # exec: COMMAND replaces the second pass's shell, so the signals the attempt wrapper passes on
+    # (Slurm signals only the batch step's process, not its children) reach it and it can stop its cluster.
     lines.append("exec " + shlex.join(command))
     return "\n".join(lines) + "\n"
 
