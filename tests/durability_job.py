@@ -1,11 +1,14 @@
 """The pipeline of the durability tests, and a job script that runs it.
 
     python tests/durability_job.py BACKEND COUNT LATENCY
+    python tests/durability_job.py two COUNT LATENCY HOLD_FILE
 
 COUNT shots of a synthetic signal that sleeps LATENCY seconds per fetch (so a
 run takes a known time), a map with an array and a scalar, a where() that drops
 some shots, a signal missing for some (records with errors). Prints
-``RESULT <records> computed=<n>`` when done.
+``RESULT <records> computed=<n>`` when done. ``two``: two serial computes (this
+pipeline, then :func:`second_pipeline`); between them it prints ``BETWEEN`` and
+waits while HOLD_FILE exists, so that a test can kill it there.
 """
 
 from __future__ import annotations
@@ -37,11 +40,40 @@ def make_pipeline(count: int, latency: float) -> Pipeline:
     return pipeline
 
 
+def second_pipeline(count: int, latency: float) -> Pipeline:
+    """Another pipeline over the shots after the first one's: a script's second compute."""
+    pipeline = Pipeline(range(FIRST_SHOT + count, FIRST_SHOT + 2 * count))
+    pipeline.fetch("ip", SyntheticSignal("ip", n=16, latency=latency, missing_every=11))
+
+    @pipeline.map
+    def mean_ip(rec):
+        rec["mean_ip"] = float(np.mean(rec["ip"]["data"]))
+
+    pipeline.discard(["ip"])
+    return pipeline
+
+
+def two_computes(count: int, latency: float, hold: str) -> int:
+    import os
+    import time
+
+    first = make_pipeline(count, latency).compute_serial()
+    print(f"BETWEEN first={len(first)}", flush=True)
+    deadline = time.monotonic() + 300
+    while os.path.exists(hold) and time.monotonic() < deadline:  # the test kills us here
+        time.sleep(0.05)
+    second = second_pipeline(count, latency).compute_serial()
+    print(f"RESULT {len(first)}+{len(second)} computed={second.info.get('records_computed')}", flush=True)
+    return 0
+
+
 def main(argv) -> int:
     import os
 
     backend, count, latency = argv[0], int(argv[1]), float(argv[2])
     print(f"PID {os.getpid()}", flush=True)  # the SIGKILL test kills exactly this process
+    if backend == "two":
+        return two_computes(count, latency, argv[3])
     pipeline = make_pipeline(count, latency)
     kwargs = {"numparts": int(argv[3])} if len(argv) > 3 and backend in ("ray", "spark") else {}
     if backend == "multiprocessing":

@@ -143,7 +143,8 @@ def test_a_sweep_writes_only_its_jobs_run_dirs_with_each_jobs_hydra_values(tmp_p
     run_dirs = [Path(r[4]) for r in ran]
     assert [d.name for d in run_dirs] == ["0", "1"] and run_dirs[0].parent == run_dirs[1].parent
     assert sorted(p.relative_to(run_dirs[0].parent).as_posix() for p in run_dirs[0].parent.rglob("*")) == [
-        "0", "0/command.json", "0/toksearch.yaml", "1", "1/command.json", "1/toksearch.yaml"]
+        "0", "0/command.json", "0/jobs.jsonl", "0/toksearch.yaml", "1", "1/command.json", "1/jobs.jsonl",
+        "1/toksearch.yaml"]  # jobs.jsonl: each attempt's start and exit code (docs/durability.md)
 
 
 def test_sweep_dir_from_the_command_line(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, compose, run_cli
-from durability_job import FIRST_SHOT, assert_same_records, make_pipeline
+from durability_job import FIRST_SHOT, assert_same_records, make_pipeline, second_pipeline
 from toksearch_launch import Pipeline, SyntheticSignal, load_dataframe, load_results
 from toksearch_launch.config import validate
 from toksearch_launch.pipeline import stopping
@@ -25,6 +25,7 @@ from toksearch_launch.pipeline.store import (
     part_files,
     write_atomic,
 )
+from toksearch_launch.resume import read_events
 from toksearch_launch.plan import Facts, plan_job, slurm_seconds, stop_signal_grace, time_limit
 
 JOB = [sys.executable, str(ROOT / "tests" / "durability_job.py")]
@@ -312,3 +313,68 @@ def test_changed_pipeline_is_refused_then_fresh_starts_over(tmp_path):
     [aside] = list(run_dir.glob("results.replaced-*"))
     assert {r["shot"] for r in load_results(aside)} == stored_before
     assert_same_records(load_results(run_dir), reference(100))
+
+
+def test_a_run_killed_between_two_computes_is_not_finished_and_resume_runs_the_second(tmp_path):
+    """The first compute's store is complete and the second never started: the last attempt's
+    exit code (137, logged by the job's attempt wrapper) says the run is not finished."""
+    from slurm_support import wait_for
+
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    result = run_cli(["site=local", "-b", *JOB, "two", "40", "0", str(hold)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
+    out = run_dir / "job-local.out"
+    text = wait_for(lambda: "BETWEEN" in out.read_text() and out.read_text(), 60, 0.05, "the first compute's end")
+    script_pid = int(text.split("PID ", 1)[1].split()[0])
+    os.kill(script_pid, signal.SIGKILL)
+    ended = wait_for(lambda: [e for e in read_events(run_dir) if e["event"] == "command ended"], 60, 0.05,
+                     "the attempt's end in jobs.jsonl")
+    assert ended[-1]["exit_code"] == 137 and ended[-1]["signal"] == "SIGKILL", ended
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert "compute-1: 40/40 records stored" in status.stdout and "compute-2" not in status.stdout, status.stdout
+    assert "last attempt: COMMAND ended with exit code 137 at " in status.stdout, status.stdout
+    assert status.stdout.splitlines()[-1] == f"not finished: resume with: toksearch_submit --resume {run_dir}"
+
+    hold.unlink()
+    resumed = run_cli(["--resume", str(run_dir), "-w"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    text = out.read_text()
+    assert "compute-1: 40 of 40 records already stored, skipped; computing 0" in text, text
+    assert "computed 0 records, 40 came from the store" in text, text
+    assert "RESULT " in text and "computed=40" in text, text  # the second compute ran in full
+    want_first = make_pipeline(40, 0.0).compute_serial(store=None)
+    want_second = second_pipeline(40, 0.0).compute_serial(store=None)
+    for k, want in ((1, want_first), (2, want_second)):
+        got = load_results(run_dir, compute=k)
+        assert_same_records(got, want)
+        assert got.stats == want.stats
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert "compute-2: 40/40 records stored" in status.stdout and "ended with exit code 0" in status.stdout
+    assert status.stdout.splitlines()[-1] == "finished", status.stdout
+    again = run_cli(["--resume", str(run_dir)], tmp_path)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout, again.stdout + again.stderr
+
+
+def test_finished_means_the_last_attempt_ended_with_exit_code_0():
+    from toksearch_launch.resume import StoreSummary, is_finished
+
+    complete = [StoreSummary("compute-1", 10, 10, 0, 0, "complete", 1)]
+    first = {"job_id": "41", "pid": 7}
+    started, ok = dict(first, event="command started", time="t0"), dict(first, event="command ended", exit_code=0, time="t1")
+    assert is_finished(complete, [started, ok])
+    assert not is_finished(complete, [started])  # killed with its job: no end logged
+    assert not is_finished(complete, [started, dict(ok, exit_code=137)])
+    assert not is_finished(complete, [started, dict(ok, pid=8)])  # another process's end
+    requeued = {"event": "command started", "job_id": "41", "restart": 1, "pid": 7, "time": "t2"}
+    assert not is_finished(complete, [started, ok, requeued])  # a later attempt, still running or killed
+    assert not is_finished([StoreSummary("compute-1", 10, 9, 0, 0, "running", 1)], [started, ok])
+    assert not is_finished(complete, [])  # no attempt logged: never called finished
+
+
+def test_a_no_requeue_option_is_kept_and_the_job_continues_in_fresh_jobs():
+    cfg = compose(["mode=batch", "batch.sbatch=['--time=2','--no-requeue']", "batch.requeue=true"])
+    validate(cfg)
+    lines = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w")).script.splitlines()
+    assert "#SBATCH --no-requeue" in lines and "#SBATCH --requeue" not in lines

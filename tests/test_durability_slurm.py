@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from durability_job import assert_same_records, make_pipeline
+from durability_job import assert_same_records, make_pipeline, second_pipeline
 from slurm_support import TEST_SITE, job_field, job_id_from, wait_for
 from toksearch_launch import load_results
 from toksearch_launch.pipeline.store import part_files, read_header
+from toksearch_launch.resume import job_ids, read_events
 
 pytestmark = pytest.mark.slurm
 
@@ -176,3 +177,79 @@ def test_interactive_step_gets_the_warning_and_stops_cleanly(tmp_path):
     only_whole_files(run_dir)
     stored = assert_partial_is_exact(run_dir, want)
     assert 0 < stored < total
+
+
+NO_REQUEUE_TOTAL = 200
+
+
+def test_requeue_refused_continues_in_fresh_jobs(tmp_path):
+    """batch.requeue=true with --no-requeue: Slurm refuses `scontrol requeue`, so each stopped job
+    submits a fresh job that resumes the run; one submission under a 1-minute limit completes."""
+    total = NO_REQUEUE_TOTAL
+    want = make_pipeline(total, 0.0).compute_serial(store=None)
+    first, run_dir = submit(tmp_path, "nodes=1", "batch.sbatch=[--time=1]", "batch.sbatch_extra=[--no-requeue]",
+                            "batch.requeue=true", "batch.max_requeues=6", "site.stop_grace=20",
+                            *JOB, "serial", str(total), "0.25")
+    assert job_field(first, "Requeue") == "0"  # the job is not requeueable: scontrol requeue must fail
+
+    def chain_done():
+        ids = job_ids(run_dir)
+        return ids if len(ids) > 1 and job_field(ids[-1], "JobState") in FINAL else None
+
+    ids = wait_for(chain_done, 900, 2.0, "the chain of fresh jobs to end")
+    first_text = (run_dir / f"slurm-{first}.out").read_text()
+    assert job_field(first, "JobState") == "FAILED" and job_field(first, "ExitCode") == "75:0", first_text
+    said = re.search(rf"Slurm refused to requeue job {first} \((.+)\): submitted job (\d+) instead, "
+                     "which resumes the run when this one ends", first_text)
+    assert said and said.group(2) == ids[1], first_text
+    assert job_field(ids[-1], "JobState") == "COMPLETED", (run_dir / f"slurm-{ids[-1]}.out").read_text()
+    events = read_events(run_dir)
+    for job_id in ids:  # every attempt is in the run dir: its start, its end, its output file
+        assert any(e["event"] == "command started" and e.get("job_id") == job_id for e in events), (job_id, events)
+        assert (run_dir / f"slurm-{job_id}.out").exists()
+    refused = [e for e in events if e["event"] == "requeue refused"]
+    resubmitted = [e for e in events if e["event"] == "resubmitted"]
+    assert [e["job_id"] for e in refused] == [e["job_id"] for e in resubmitted] == ids[:-1]
+    assert [e["new_job_id"] for e in resubmitted] == ids[1:]
+    ends = {e["job_id"]: e["exit_code"] for e in events if e["event"] == "command ended"}
+    assert ends == {**{j: 75 for j in ids[:-1]}, ids[-1]: 0}, events
+    last_text = (run_dir / f"slurm-{ids[-1]}.out").read_text()
+    assert "records already stored, skipped" in last_text, last_text
+    final = load_results(run_dir)
+    assert_same_records(final, want)
+    assert final.stats == want.stats
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert f"{total}/{total}" in status.stdout and status.stdout.splitlines()[-1] == "finished", status.stdout
+
+
+def test_scancel_between_two_computes_then_resume_runs_the_second(tmp_path):
+    """The first compute complete, the second never started: not finished; the resume skips the
+    first entirely and computes the second."""
+    count = 60
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    job_id, run_dir = submit(tmp_path, "nodes=1", *JOB, "two", str(count), "0", str(hold))
+    out = run_dir / f"slurm-{job_id}.out"
+    wait_for(lambda: out.exists() and "BETWEEN" in out.read_text(), 120, 0.2, "the first compute's end")
+    os.spawnvp(os.P_WAIT, "scancel", ["scancel", job_id])
+    assert wait_final(job_id, 120) == "CANCELLED"
+    ended = wait_for(lambda: [e for e in read_events(run_dir) if e["event"] == "command ended"], 30, 0.2,
+                     "the attempt's end in jobs.jsonl")
+    assert ended[-1]["exit_code"] == 143 and ended[-1]["signal"] == "SIGTERM", ended
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert f"compute-1: {count}/{count} records stored" in status.stdout and "compute-2" not in status.stdout
+    assert status.stdout.splitlines()[-1].startswith("not finished: resume with"), status.stdout
+    hold.unlink()
+    resumed = run_cli(["--resume", str(run_dir), "-w"], tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    new_id = re.search(r"submitted job (\d+)", resumed.stdout).group(1)
+    text = (run_dir / f"slurm-{new_id}.out").read_text()
+    assert f"compute-1: {count} of {count} records already stored, skipped; computing 0" in text, text
+    assert f"computed={count}" in text, text  # the second compute ran in full
+    for k, want in ((1, make_pipeline(count, 0.0)), (2, second_pipeline(count, 0.0))):
+        want = want.compute_serial(store=None)
+        got = load_results(run_dir, compute=k)
+        assert_same_records(got, want)
+        assert got.stats == want.stats
+    status = run_cli(["--status", str(run_dir)], tmp_path)
+    assert status.stdout.splitlines()[-1] == "finished", status.stdout

@@ -111,6 +111,12 @@ def test_a_worker_node_lost_mid_run_is_named_and_the_results_are_complete(tmp_pa
     results = load_results(run_dir)
     assert_same_records(results, want)
     assert results.stats == want.stats
+    print(f"the job's output: {text.count(chr(10))} lines")  # newlines (splitlines would split Spark's progress bar at \r)
+    if backend == "spark":  # the driver's loggers that narrate the lost executor are quieted
+        java = [ln for ln in text.splitlines() if re.search(r"^\s+at (org\.apache\.spark|io\.netty)\.|"
+                                                             r"(WARN|ERROR) (TransportChannelHandler|TransportClient|"
+                                                             r"TaskSchedulerImpl|BlockManagerMasterEndpoint)\b", ln)]
+        assert java == [], "\n".join(java[:20])
     lost = [line for line in text.splitlines() if "lost node" in line]
     print("\n".join(lost))
     [line] = lost  # one line for the one lost node

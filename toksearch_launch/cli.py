@@ -473,7 +473,7 @@ def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
 
     if plan.mode == "interactive":
         result.note = ""
-        result.exit_code = run.run_interactive(plan)
+        result.exit_code = resume.run_interactive_attempt(plan)  # logs the attempt's start and end
         result.state = "COMPLETED" if result.exit_code == 0 else "FAILED"
         return
 

@@ -242,16 +242,32 @@ def _sbatch_line(*tokens: str) -> str:
     return "#SBATCH " + " ".join(shlex.quote(t) for t in tokens)
 
 
+#: The batch script's marker argument for its second pass, run by toksearch_launch.attempt.
+ATTEMPT_ARG = "--attempt"
+ATTEMPT_COMMENT = ("# One attempt of COMMAND: toksearch_launch.attempt logs its start and exit code in jobs.jsonl "
+                   "(what --status and --resume go by), passes Slurm's signals on, and runs this script again as its child.")
+
+
+def attempt_line(python: str) -> str:
+    """The batch script's first pass execs the attempt wrapper, which reruns the script with
+    ``--attempt``; that second pass goes on to ``exec COMMAND`` (so COMMAND is still exec'd by
+    the shell, as without the wrapper)."""
+    return (f'[ "$1" = {ATTEMPT_ARG} ] || exec {shlex.quote(python)} -m toksearch_launch.attempt -- '
+            f'/bin/bash "$0" {ATTEMPT_ARG}')
+
+
 def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: Facts, notes: List[str]) -> str:
     """The job.sbatch file: #SBATCH options, the job's environment, then COMMAND (shlex-quoted)."""
     lines = ["#!/bin/bash", _sbatch_line("-N", str(cfg.nodes))]
     options = ["--exclusive"] if cfg.site.exclusive else []
     options += _without_x11(cfg.batch.sbatch, "batch.sbatch", facts, notes)
     grace = stop_signal_grace(cfg, options)
-    if grace:  # B: the batch step's COMMAND (exec'd below) gets it, not every step
+    if grace:  # B: the batch step's process gets it (the attempt wrapper, which passes it to COMMAND), not every step
         options.append(f"--signal=B:USR1@{grace}")
-    if cfg.batch.requeue:  # the requeued attempt appends to the same output file
+    if cfg.batch.requeue and "--no-requeue" not in options:  # the requeued attempt appends to the same output file
         options += ["--requeue", "--open-mode=append"]
+    # With the user's --no-requeue Slurm refuses `scontrol requeue`: the job then continues in
+    # a fresh job instead (toksearch_launch.resume.continue_after_stop), as on a site that forbids requeues.
     options += [f"--job-name={cfg.batch.job_name}", f"--output={run_dir / BATCH_OUTPUT}"]
     lines += [_sbatch_line(o) for o in options]
     lines.append("# Written by toksearch_submit; the job reads its config from TOKSEARCH_CONFIG.")
@@ -259,9 +275,11 @@ def batch_script(cfg: DictConfig, command: Sequence[str], run_dir: Path, facts: 
     if cfg.site.scheduler == "slurm":
         lines.append("# The run directory must be on a filesystem the nodes share: fail at once if not.")
         lines.append(run_dir_check("$" + CONFIG_ENV))
+    lines.append(ATTEMPT_COMMENT)
+    lines.append(attempt_line(facts.python))
     lines.append(f"cd {shlex.quote(facts.cwd)}")
-    # exec: COMMAND becomes the batch step's process, so scancel's SIGTERM reaches it
-    # (Slurm signals only the batch shell, not its children) and it can stop its cluster.
+    # exec: COMMAND replaces the second pass's shell, so the signals the attempt wrapper passes on
+    # (Slurm signals only the batch step's process, not its children) reach it and it can stop its cluster.
     lines.append("exec " + shlex.join(command))
     return "\n".join(lines) + "\n"
 

@@ -4,9 +4,13 @@ A run directory holds what a later command needs: ``toksearch.yaml`` (the
 resolved config), ``command.json`` (COMMAND and its working directory, written
 at submission), ``jobs.jsonl`` (one line per event: submitted, compute started,
 stopped, requeued, resubmitted, refused; each with the Slurm job id) and
-``results/`` (the stores, :mod:`toksearch_launch.pipeline.store`). The pipeline
-itself skips what is stored; this module only reruns the command, says what
-state a run is in, and decides what a job does after a clean stop.
+``results/`` (the stores, :mod:`toksearch_launch.pipeline.store`). Each attempt
+of COMMAND logs ``command started`` and ``command ended`` (its exit code): the
+batch job's :mod:`toksearch_launch.attempt` wrapper, or the launcher for an
+interactive job. A run is finished only when its last attempt ended with exit
+code 0 and every store it opened is complete. The pipeline itself skips what is
+stored; this module only reruns the command, says what state a run is in, and
+decides what a job does after a clean stop.
 
 Imported by the CLI: no numpy, no Ray, no Spark, no Hydra at import time.
 """
@@ -27,6 +31,9 @@ PROG = "toksearch_submit"
 COMMAND_FILE = "command.json"
 RUN_LOG = "jobs.jsonl"
 RESULTS = "results"
+#: The events one attempt of COMMAND logs (toksearch_launch.attempt, or the launcher in interactive mode).
+STARTED = "command started"
+ENDED = "command ended"
 #: Slurm states in which a job may still run (a resume must not race it).
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -46,16 +53,19 @@ def current_run_dir() -> Optional[Path]:
     return Path(value) if value else None
 
 
-def log_event(run_dir: Optional[os.PathLike], event: str, **fields: Any) -> None:
-    """Append one event to ``jobs.jsonl`` (one short line: O_APPEND keeps concurrent writers whole)."""
+def log_event(run_dir: Optional[os.PathLike], event: str, in_job: bool = True, **fields: Any) -> None:
+    """Append one event to ``jobs.jsonl`` (one short line: O_APPEND keeps concurrent writers whole).
+
+    ``in_job``: the job id and restart count come from the job's environment (False for the
+    launcher, which may itself run inside some other allocation)."""
     run_dir = Path(run_dir) if run_dir else current_run_dir()
     if run_dir is None or not run_dir.is_dir():
         return
     entry: Dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event}
-    job_id = fields.pop("job_id", None) or os.environ.get("SLURM_JOB_ID")
+    job_id = fields.pop("job_id", None) or (os.environ.get("SLURM_JOB_ID") if in_job else None)
     if job_id:
         entry["job_id"] = str(job_id)
-    if os.environ.get("SLURM_RESTART_COUNT"):
+    if in_job and os.environ.get("SLURM_RESTART_COUNT"):
         entry["restart"] = int(os.environ["SLURM_RESTART_COUNT"])
     entry.update(fields)
     line = (json.dumps(entry, default=str) + "\n").encode()
@@ -86,7 +96,25 @@ def record_command(run_dir: os.PathLike, command: Sequence[str], cwd: str) -> No
 
 
 def record_submission(run_dir: os.PathLike, job_id: str, how: str = "submitted") -> None:
-    log_event(run_dir, how, job_id=job_id)
+    log_event(run_dir, how, in_job=False, job_id=job_id)
+
+
+def run_interactive_attempt(plan: Any) -> int:
+    """An interactive job's COMMAND, its start and its exit code logged by the launcher, which
+    outlives the job's processes (a SIGKILL of the script, scancel, the time limit: salloc
+    returns their exit code); a killed launcher logs no end, which reads as not finished."""
+    from toksearch_launch import run
+
+    log_event(plan.run_dir, STARTED, in_job=False, pid=os.getpid())
+    code = 1
+    try:
+        code = run.run_interactive(plan)
+    except run.LaunchError as exc:
+        code = exc.exit_code
+        raise
+    finally:
+        log_event(plan.run_dir, ENDED, in_job=False, pid=os.getpid(), exit_code=code)
+    return code
 
 
 def job_ids(run_dir: Path) -> List[str]:
@@ -175,12 +203,49 @@ def summaries(run_dir: Path) -> List[StoreSummary]:
     return [summarize_store(p) for p in stores]
 
 
+@dataclass
+class Attempt:
+    """One run of COMMAND, from its ``command started`` event (and its ``command ended``, if logged)."""
+
+    job_id: Optional[str]
+    restart: int
+    started: str
+    ended: Optional[str] = None
+    exit_code: Optional[int] = None
+
+    def describe(self) -> str:
+        who = f"job {self.job_id}" + (f" (restart {self.restart})" if self.restart else "") if self.job_id else "COMMAND"
+        if self.exit_code is None:
+            return f"{who} started at {self.started}, no end logged (still running, or killed with its job)"
+        return f"{who} ended with exit code {self.exit_code} at {self.ended}"
+
+
+def _attempt_key(event: Dict[str, Any]) -> tuple:
+    return event.get("job_id"), event.get("restart"), event.get("pid")
+
+
+def last_attempt(events: Sequence[Dict[str, Any]]) -> Optional[Attempt]:
+    """The last attempt of COMMAND, with the end logged after its start by the same process (if any)."""
+    starts = [i for i, e in enumerate(events) if e.get("event") == STARTED]
+    if not starts:
+        return None
+    start = events[starts[-1]]
+    attempt = Attempt(start.get("job_id"), int(start.get("restart", 0)), start.get("time", "?"))
+    end = next((e for e in events[starts[-1] + 1:] if e.get("event") == ENDED and _attempt_key(e) == _attempt_key(start)),
+               None)
+    if end is not None:
+        attempt.ended, attempt.exit_code = end.get("time", "?"), int(end.get("exit_code", 1))
+    return attempt
+
+
 def is_finished(stores: Sequence[StoreSummary], events: Sequence[Dict[str, Any]]) -> bool:
-    """Every compute the script started has all its records, and the last attempt was not stopped."""
-    if not stores or not all(s.complete for s in stores):
-        return False
-    last = next((e for e in reversed(events) if e.get("event") in ("stopped", "refused", "compute")), None)
-    return last is None or last.get("event") == "compute"
+    """The last attempt's COMMAND ended with exit code 0, and every compute it started has all its records.
+
+    The exit code, not the stores alone: a script killed between two computes has a
+    complete first store and no second one. A run without a logged attempt (an older
+    launcher's) is never finished: its resume reruns COMMAND, which skips what is stored."""
+    attempt = last_attempt(events)
+    return attempt is not None and attempt.exit_code == 0 and all(s.complete for s in stores)
 
 
 # --------------------------------------------------------------------------- status
@@ -204,6 +269,8 @@ def status_lines(run_dir: Path) -> List[str]:
     if last:
         detail = last.get("reason") or last.get("message") or ""
         lines.append(f"last event: {last['event']} at {last['time']}" + (f" ({detail})" if detail else ""))
+    attempt = last_attempt(events)
+    lines.append(f"last attempt: {attempt.describe()}" if attempt else "last attempt: none logged")
     active = [j for j in ids if slurm_job(j).get("JobState") in ACTIVE_STATES]
     if is_finished(stores, events):
         lines.append("finished")
@@ -323,9 +390,9 @@ def resume(req: ResumeRequest) -> int:
     OmegaConf.save(cfg, plan.config_path, resolve=True)
     if plan.script is not None:
         run.write_script(plan.script_path, plan.script)
-    log_event(req.run_dir, "resume", overrides=list(req.overrides), fresh=req.fresh)
+    log_event(req.run_dir, "resume", in_job=False, overrides=list(req.overrides), fresh=req.fresh)
     if plan.mode == "interactive":
-        return run.run_interactive(plan)
+        return run_interactive_attempt(plan)
     sub = run.submit_batch(plan)
     record_submission(req.run_dir, sub.job_id, "submitted")
     print(f"{PROG}: resuming run {req.run_dir}: submitted job {sub.job_id}; output {sub.output}", flush=True)

@@ -101,6 +101,38 @@ def local_session(num_cpus: Optional[int] = None) -> Any:
     return session
 
 
+#: The driver's loggers that narrate a lost executor (measured on the test cluster: about 60
+#: lines, most of them Java stack traces, for one lost node), and the level each is set to.
+#: The pipeline says the loss in one line (pipeline/node_loss.py). TaskSetManager keeps its
+#: ERRORs (a task failed too often: the job is aborted), its WARN per lost task goes; the
+#: connection loggers' ERRORs are the same loss seen from the sockets, so they go too.
+EXECUTOR_LOSS_LOGGERS = {
+    "org.apache.spark.network.server.TransportChannelHandler": "FATAL",  # "Exception in connection from" + trace
+    "org.apache.spark.network.client.TransportResponseHandler": "FATAL",  # "Still have N requests outstanding"
+    "org.apache.spark.network.client.TransportClient": "FATAL",  # "Failed to send RPC" + trace
+    "org.apache.spark.scheduler.TaskSchedulerImpl": "FATAL",  # "Lost executor N on HOST": our line says it
+    "org.apache.spark.scheduler.TaskSetManager": "ERROR",  # "Lost task ... ExecutorLostFailure"
+    "org.apache.spark.scheduler.cluster": "ERROR",  # the scheduler backends: "removing executor"
+    "org.apache.spark.storage.BlockManagerMasterEndpoint": "ERROR",  # "Error trying to remove broadcast" + trace
+    "org.apache.spark.storage.BlockManagerMaster": "ERROR",
+    "org.apache.spark.rpc.netty": "ERROR",  # NettyRpcEnv / Inbox: "Ignored failure"
+}
+
+
+def quiet_executor_loss_logs(sc: Any) -> None:
+    """Set the driver's log4j2 levels of :data:`EXECUTOR_LOSS_LOGGERS` (through py4j: the driver
+    JVM is already running). Logging only: never fail a run over it."""
+    try:
+        jvm = sc._jvm
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+        levels = jvm.org.apache.logging.log4j.Level
+        for name, level in EXECUTOR_LOSS_LOGGERS.items():
+            configurator.setLevel(name, levels.toLevel(level))
+    except Exception as exc:  # an older Spark (log4j 1) or another logging backend
+        print(f"toksearch: could not quiet Spark's executor-loss logging: {str(exc).splitlines()[0]}",
+              file=sys.stderr, flush=True)
+
+
 def executor_hosts(sc: Any) -> List[str]:
     """Hosts of the Spark executors, sorted.
 
@@ -159,6 +191,7 @@ def compute_spark(
                 new_gateway = SparkContext._gateway is None
                 created = local_session()
                 sc = created.sparkContext
+        quiet_executor_loss_logs(sc)  # a driver this call chose; a driver the caller passed keeps its logging
     else:
         sc = getattr(sc, "sparkContext", sc)  # a SparkSession is accepted too
     try:
