@@ -3,8 +3,8 @@ start and during a run, Ray and Spark, interactive (``-N 3``) and batch (``-N 3 
 
 The script (KILL_JOB below, one for every case) names itself on its first line: its PID,
 node, job id and run dir. The test checks that PID on that node (it is in the node's
-namespace and carries the job's ``SLURM_JOB_ID``), SIGKILLs it either once the head's
-step wrapper has written its first line (the start) or once a worker node has computed a
+namespace and carries the job's ``SLURM_JOB_ID``), SIGKILLs it either once a worker's
+step wrapper on another node has written its first line (the start) or once a worker node has computed a
 record (the run), and then polls until nothing of the job is left on any node (found by
 the job id in each process's environment or in slurmstepd's name, never by name), the
 cluster's temp dirs (from the daemons' marks, collected before the kill) are gone and the
@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from slurm_support import TEST_SITE, job_field, job_id_from, namespace_pids, wait_for
+from slurm_support import NODES, TEST_SITE, job_field, job_id_from, namespace_pids, wait_for
 from test_faults import slurm_job_processes
 from test_faults_submit import Launched
+from toksearch_launch.cluster.owner import OWNER_ENV
 from toksearch_launch.cluster.procs import ENV_MARK
 
 pytestmark = pytest.mark.slurm
@@ -57,8 +58,6 @@ print("FINISHED", flush=True)  # never: the script is killed long before
 """
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
-#: the logs a head's step wrapper writes on its node
-HEAD_LOG = {"ray": "ray-head-*.log", "spark": "spark-master-*.log"}
 
 
 def record(name: str, seconds: float) -> None:
@@ -74,9 +73,10 @@ def owner_line(text: str) -> "dict | None":
     return json.loads(match.group(1)) if match else None
 
 
-def head_wrapper_started(run_dir: Path, backend: str) -> bool:
+def remote_worker_started(run_dir: Path, backend: str, head: str) -> bool:
+    """A worker's step wrapper on another node than the script's has written its first line."""
     return any("toksearch-node: host=" in log.read_text(errors="replace")
-               for log in (run_dir / "logs").glob(HEAD_LOG[backend]))
+               for log in (run_dir / "logs").glob(f"{backend}-worker-*.log") if log.name != f"{backend}-worker-{head}.log")
 
 
 def worker_computed(marks: Path, head: str) -> bool:
@@ -137,7 +137,8 @@ def test_slurm_sigkill_of_the_script_leaves_nothing_on_any_node(tmp_path, backen
         run_dir = Path(owner["run_dir"])
         pid = script_pid(owner)
         if phase == "start":
-            wait_for(lambda: head_wrapper_started(run_dir, backend), 120, 0.05, f"the {backend} head's step wrapper")
+            wait_for(lambda: remote_worker_started(run_dir, backend, owner["host"]), 120, 0.05,
+                     f"a {backend} worker's step wrapper on another node")
             assert "READY " not in text(), "the cluster was ready before the kill"
         else:
             wait_for(lambda: "READY " in text(), 180, 0.1, "the cluster's READY line")
@@ -160,7 +161,7 @@ def test_slurm_sigkill_of_the_script_leaves_nothing_on_any_node(tmp_path, backen
         record(f"slurm -N 3 {mode}, SIGKILL of the {backend} script during the {phase}", took)
         print(f"job {job_id}: {state} ExitCode={exit_code}; before the kill: "
               + ", ".join(f"{node} {len(p)}" for node, p in sorted(before.items())))
-        assert len(before) == 3, before  # the cluster ran on every node
+        assert len(before) == (3 if phase == "run" else len(before)) >= 2, before  # the cluster on remote nodes too
         assert slurm_job_processes([job_id]) == {}
         assert [r for r in roots if os.path.exists(r)] == []
         if mode == "batch":
@@ -174,5 +175,52 @@ def test_slurm_sigkill_of_the_script_leaves_nothing_on_any_node(tmp_path, backen
     finally:
         if launched is not None:
             launched.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id])
+
+
+def marked_processes(owner_pid: int) -> dict[str, list[int]]:
+    """Per node, the processes carrying the owner marker of ``owner_pid`` (wrappers, daemons, sruns)."""
+    found: dict[str, list[int]] = {}
+    for node in NODES:
+        for pid in namespace_pids(node):
+            if re.fullmatch(rf"[^:]+:{owner_pid}:[0-9.]+", process_env(pid).get(OWNER_ENV, "")):
+                found.setdefault(node, []).append(pid)
+    return found
+
+
+def test_slurm_sigkill_of_the_script_while_its_allocation_lives_on_stops_every_node(tmp_path):
+    """The script is one step of a longer job (``sh -c 'python SCRIPT; sleep 300'``): its death
+    does not end the allocation, so Slurm ends nothing. The wrappers on the other nodes watch
+    the owner through its beacon and stop their daemons at once (before: they ran until the job ended)."""
+    script = tmp_path / "kill_job.py"
+    script.write_text(KILL_JOB)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    launched = Launched([*TEST_SITE, "-N", "3", "sh", "-c", '"$@"; exec sleep 300', "sh",
+                         sys.executable, str(script), "ray", str(marks)], tmp_path)
+    job_id = ""
+    try:
+        owner = json.loads(launched.wait_line(r"^OWNER (\{.*\})$", 300).group(1))
+        job_id = owner["job"]
+        pid = script_pid(owner)
+        launched.wait_line(r"^READY ", 180)
+        wait_for(lambda: worker_computed(marks, owner["host"]), 120, 0.1, "a record computed on a worker node")
+        roots = cluster_roots(job_id)
+        before = marked_processes(pid)
+        assert sorted(before) == NODES and roots, before
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: marked_processes(pid) == {} and not any(os.path.exists(r) for r in roots), 60, 0.05,
+                 f"no process of the cluster on any node and its temp dirs {sorted(roots)} gone")
+        record("slurm -N 3 interactive, SIGKILL of the ray script, the allocation living on", time.monotonic() - t0)
+        assert job_field(job_id, "JobState") == "RUNNING"  # nobody but the owner watch could have done it
+        assert marked_processes(pid) == {}
+        logs = Path(owner["run_dir"]) / "logs"
+        for node in NODES:
+            if node != owner["host"]:
+                assert "is gone (its beacon closed): stopping session" in (logs / f"ray-worker-{node}.log").read_text()
+    finally:
+        launched.kill()
         if job_id:
             subprocess.run(["scancel", job_id])

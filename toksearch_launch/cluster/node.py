@@ -20,10 +20,12 @@ dir, writes the secret file (0600) from the environment, leases the daemon's por
 holds it on its own node) and checks they are free (exit 75 with a clear message
 if not), prints one
 line ``toksearch-node: host=... address=... step=JOB.STEP`` and starts the
-daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``)
-when the owner runs on this host (site=local: always; SLURM: the script's node):
-by the parent-death signal and a poll of the owner's PID and create time, so a
-daemon outlives a killed owner by about a second.  On SIGUSR1 (the launcher signals its local srun,
+daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``):
+on the owner's host (site=local: always; SLURM: the script's node) by the
+parent-death signal and a poll of the owner's PID and create time; on any other
+node through the owner's beacon (a TCP connection the owner's kernel closes at its
+death, :func:`~.owner.watch_beacon`), so a daemon outlives a killed owner by about
+a second, on every node, even while the allocation lives on.  On SIGUSR1 (the launcher signals its local srun,
 which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
 daemon's session with the package's one TERM -> grace -> KILL routine
 (:func:`~.procs.terminate`), removes the temp dir, and reports whether
@@ -180,7 +182,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         time.sleep(0.1)
     rc = child.poll()
     if owner_gone:
-        _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")  # type: ignore[index]
+        if owner is not None:
+            _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")
+        else:
+            _say(f"owner {os.environ.get(OWNER_ENV)} is gone (its beacon closed): stopping session {child.pid}")
     elif rc is None:
         _say(f"signal {stop['signal']}: stopping session {child.pid}")
     elif not stop["signal"]:  # nobody asked: the daemon died while the job ran
