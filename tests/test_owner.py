@@ -118,3 +118,34 @@ def test_a_beacon_that_does_not_name_our_owner_or_does_not_answer_is_no_watch() 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_last_wrapper_removes_a_root_only_when_no_live_owner_uses_it(tmp_path) -> None:
+    """Another node's root (no owner file) goes with its last wrapper, lock file and all; the owner's
+    root stays for the owner's own stop unless the owner is gone; a wrapper still running keeps it."""
+    import argparse
+
+    from toksearch_launch.cluster import node
+
+    def wrapper_of(root, name):
+        os.makedirs(root / name, exist_ok=True)
+        return argparse.Namespace(root=str(root), dir=str(root / name)), node._announce(str(root))
+
+    remote = tmp_path / "tsl-remote"
+    first, first_lock = wrapper_of(remote, "r2")
+    second, second_lock = wrapper_of(remote, "r3")
+    node._cleanup(first, None, presence=first_lock)
+    assert remote.is_dir()  # the other wrapper of the root still runs
+    node._cleanup(second, None, presence=second_lock)
+    assert not remote.exists()
+
+    owned = tmp_path / "tsl-owned"
+    owned.mkdir()
+    owner.write_owner_file(str(owned))
+    args, lock = wrapper_of(owned, "r1")
+    node._cleanup(args, None, presence=lock)
+    assert sorted(os.listdir(owned)) == [OWNER_FILE, node.WRAPPERS_LOCK]  # the owner's stop removes it
+    os.close(lock)  # that wrapper exits
+    args, lock = wrapper_of(owned, "r1")
+    node._cleanup(args, None, orphaned=True, presence=lock)
+    assert not owned.exists()
