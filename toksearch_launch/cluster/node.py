@@ -70,7 +70,9 @@ PREFIX = "toksearch-node:"
 
 
 def _say(msg: str) -> None:
-    print(f"{PREFIX} {msg}", flush=True)
+    """One line in one write: the beacon's thread says its lines beside the main thread's."""
+    sys.stdout.write(f"{PREFIX} {msg}\n")
+    sys.stdout.flush()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
