@@ -158,15 +158,31 @@ def test_sigkill_of_the_owner_during_a_run_leaves_nothing(tmp_path: Path, backen
             owner.kill()
 
 
+def read_until_ready(owner: subprocess.Popen) -> list[str]:
+    """The owner's lines up to its READY line (the rest is read at its end)."""
+    assert owner.stdout is not None
+    lines = []
+    for line in owner.stdout:
+        lines.append(line)
+        if line.startswith("READY "):
+            return lines
+    raise AssertionError("the owner exited before READY:\n" + "".join(lines)[-2000:])
+
+
 def test_two_clusters_started_at_once_get_disjoint_ports_5_times(tmp_path: Path) -> None:
     """Two jobs' clusters on one node, started at the same instant, 5 times over: every start
-    finishes, and the two port sets (from each plan, and the block each logged) never meet."""
+    finishes, and the two port sets (from each plan, and the block each logged) never meet.
+    A round starts once the previous round's clusters are ready, while they stop: their
+    leases are then still held, which the new round's blocks must avoid too."""
+    rounds = []
     for round_ in range(5):
         runs = [tmp_path / f"r{round_}-{k}" for k in range(2)]
         owners = [subprocess.Popen([PY, "-c", OWNER_SCRIPT, "ray", "1", str(run), "stop"], cwd=REPO,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                   for run in runs]
-        outs = [o.communicate(timeout=300)[0] for o in owners]
+        rounds.append((runs, owners, [read_until_ready(o) for o in owners]))
+    for round_, (runs, owners, heads) in enumerate(rounds):
+        outs = ["".join(head) + o.communicate(timeout=300)[0] for o, head in zip(owners, heads)]
         ports = []
         for o, out, run in zip(owners, outs, runs):
             assert o.returncode == 0 and "STOPPED" in out, out[-2000:]

@@ -32,10 +32,10 @@ PORTS_JOB = [sys.executable, str(TESTS / "ports_job.py")]
 class Launched:
     """toksearch_submit started in the background, its stdout and stderr read line by line as they come."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, program: list[str] = CLI) -> None:
         full_env = {k: v for k, v in os.environ.items() if k not in ("TOKSEARCH_CONFIG", "TOKSEARCH_RUN_DIR")}
         full_env.update(env or {})
-        self.proc = subprocess.Popen([*CLI, *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*program, *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
@@ -155,6 +155,101 @@ def test_local_sigkill_of_the_launcher_stops_the_script_and_its_cluster(tmp_path
                      "the script, its cluster and its temp dir gone")
     finally:
         launched.kill()
+    assert alive(pids, sids) == set()
+
+
+IGNORES_SIGTERM = r"""
+import json, os, signal, sys, time
+if sys.argv[1] != "none":
+    from toksearch_launch.cluster import job_cluster
+    root = job_cluster(sys.argv[1]).plan.root
+else:
+    root = None
+# replaces the cluster's SIGTERM hook too: nothing here stops on SIGTERM
+signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM IGNORED", flush=True))
+print("IGNORING " + json.dumps({"pid": os.getpid(), "root": root}), flush=True)
+time.sleep(600)
+"""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper(on: bool) -> None:
+    """Orphans of our descendants (the launcher's script, once it is killed) become our children:
+    we can then read how they died."""
+    import ctypes
+
+    assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def reap(pid: int, timeout: float) -> int:
+    """Wait for an adopted child; its wait status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still runs after {timeout} s")
+        time.sleep(0.05)
+
+
+def test_a_killed_launchers_script_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    """run_foreground as the launcher runs a site=local script, the launcher stand-in SIGKILLed:
+    the script gets SIGTERM (its death signal), ignores it, and the watchdog SIGKILLs it after
+    the grace (1 s here). The watchdog is not the launcher's child: the script stays its only one."""
+    launcher = ("import sys; from toksearch_launch.run import run_foreground; "
+                "sys.exit(run_foreground(sys.argv[1:], {}, kill_grace=1.0)[0])")
+    become_subreaper(True)
+    launched = None
+    try:
+        launched = Launched([sys.executable, "-c", IGNORES_SIGTERM, "none"], tmp_path,
+                            program=[sys.executable, "-c", launcher])
+        script = json.loads(launched.wait_line(r"^IGNORING (.*)", 60).group(1))["pid"]
+        assert children_of(launched.proc.pid) == [script]
+        with time_to_clean("SIGKILL of a run_foreground launcher, its script ignoring SIGTERM (grace 1 s)"):
+            launched.kill()
+            status = reap(script, 30)
+        launched.wait_line(r"^SIGTERM IGNORED$", 5)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    finally:
+        become_subreaper(False)
+        if launched is not None:
+            launched.kill()
+
+
+@pytest.mark.cluster
+def test_local_sigkill_of_the_launcher_kills_its_script_that_ignores_sigterm_and_its_cluster(tmp_path):
+    """toksearch_submit site=local nodes=2 backend=dask, its script ignoring SIGTERM (before: the
+    script and its cluster outlived the SIGKILLed launcher): SIGTERM, then SIGKILL after
+    run.LOCAL_KILL_GRACE; the owner watch then stops the cluster; nothing left."""
+    from test_faults_cluster import alive, run_of
+
+    script_file = tmp_path / "ignores_sigterm.py"
+    script_file.write_text(IGNORES_SIGTERM)
+    become_subreaper(True)
+    launched = Launched(["site=local", "nodes=2", "backend=dask", sys.executable, str(script_file), "dask"], tmp_path)
+    try:
+        info = json.loads(launched.wait_line(r"^IGNORING (.*)", 600).group(1))
+        script = info["pid"]
+        assert children_of(launched.proc.pid) == [script]
+        pids = run_of(script) | {script}
+        assert len(pids) > 2, pids  # wrappers and daemons of both nodes
+        sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
+        with time_to_clean("site=local, SIGKILL of toksearch_submit, its script ignoring SIGTERM (2-node dask)"):
+            launched.kill()
+            status = reap(script, 60)
+            wait_for(lambda: not alive(pids, sids) and not Path(info["root"]).exists(), 60, 0.1,
+                     "the script's cluster and its temp dir gone")
+        launched.wait_line(r"^SIGTERM IGNORED$", 5)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    finally:
+        become_subreaper(False)
+        launched.kill()
+        for pid in locals().get("pids", ()):  # adopted wrappers: reap them
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
     assert alive(pids, sids) == set()
 
 

@@ -210,19 +210,95 @@ def dies_with_launcher(sig: int = LAUNCHER_DEATH_SIGNAL) -> Optional[Callable[[]
     return arm
 
 
-def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False) -> tuple[int, "_StderrWatch | None"]:
+#: Seconds a site=local script has, once the launcher died and its death signal (SIGTERM) came,
+#: before the watchdog SIGKILLs it: room for its SIGTERM hook to stop its cluster (at most about
+#: 10 s); what a cluster's stop leaves undone its step wrappers' owner watch finishes.
+LOCAL_KILL_GRACE = 10.0
+
+
+def kill_after_launcher(proc: subprocess.Popen, grace: float = LOCAL_KILL_GRACE) -> Optional[int]:
+    """Start a watchdog that SIGKILLs ``proc`` ``grace`` seconds after this process dies (whatever
+    killed it), unless ``proc`` has exited by then; returns the fd whose close tells the watchdog
+    that we are gone (close it once ``proc`` is reaped), None where Linux's pidfds are missing.
+
+    The death signal alone (:func:`dies_with_launcher`) ends a script that ignores SIGTERM
+    never, and a SIGKILLed launcher can send nothing more. The watchdog is a grandchild in its
+    own session (no terminal signal reaches it, it is nobody's foreground job and not our
+    child), holding only two fds: the read end of a pipe whose write end only we hold (EOF at
+    our death, never before), and a pidfd of ``proc`` (a PID reused after ``proc`` is reaped is
+    never signalled). The script stays our direct child, so its stdin/stdout/stderr, signals,
+    exit code and timing are untouched; the watchdog is a fork, no new interpreter."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # before our wait(): the PID is proc's until we reap it
+    except (AttributeError, OSError):
+        return None
+    gone_r, gone_w = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError:  # no process to spare: the script runs as before, with its death signal only
+        for fd in (gone_r, gone_w, pidfd):
+            os.close(fd)
+        return None
+    if middle == 0:  # the intermediate: it exits at once, so the watchdog is nobody's child
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                _watchdog(gone_r, pidfd, grace)
+        finally:
+            os._exit(0)
+    os.close(gone_r)
+    os.close(pidfd)
+    os.waitpid(middle, 0)
+    return gone_w
+
+
+def _watchdog(gone_fd: int, pidfd: int, grace: float) -> None:
+    """The watchdog's life (a forked copy of the launcher; only os calls, never returns)."""
+    import select
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)  # never holds the launcher's terminal or pipes open
+        keep = sorted({0, 1, 2, gone_fd, pidfd})
+        for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(gone_fd, select.POLLIN)
+        while True:
+            try:
+                ready = {fd for fd, _ in poller.poll()}
+                break
+            except InterruptedError:
+                continue
+        if pidfd not in ready:  # the launcher is gone and the script runs: its grace, then SIGKILL
+            if not select.select([pidfd], [], [], grace)[0]:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except BaseException:  # noqa: BLE001 -- a watchdog never raises into a copy of the launcher
+        pass
+    os._exit(0)
+
+
+def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False,
+                   kill_grace: Optional[float] = None) -> tuple[int, "_StderrWatch | None"]:
     """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward,
-    and it gets SIGTERM if we die (:func:`dies_with_launcher`).
+    and it gets SIGTERM if we die (:func:`dies_with_launcher`), then SIGKILL ``kill_grace``
+    seconds later if it is still there (:func:`kill_after_launcher`; None: never).
 
     Returns (exit code, the stderr watch when ``watch_stderr``: salloc's X11 failure, a job that can never start).
     """
+    arm = dies_with_launcher()
     try:
         proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE if watch_stderr else None,
-                                preexec_fn=dies_with_launcher())
+                                preexec_fn=arm)
     except FileNotFoundError:
         raise LaunchError(f"{argv[0]}: command not found") from None
     except PermissionError:
         raise LaunchError(f"{argv[0]}: permission denied") from None
+    watchdog = kill_after_launcher(proc, kill_grace) if kill_grace is not None and arm is not None else None
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
@@ -239,6 +315,8 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = Fa
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if watchdog is not None:
+            os.close(watchdog)  # proc is reaped: the watchdog has seen it exit (its pidfd), never kills
     if watch:
         watch.join()
     return code, watch
@@ -250,7 +328,9 @@ def run_interactive(plan: Plan) -> int:
     The caller has checked, before writing anything, that salloc (:func:`require_program`)
     or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
-    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=plan.scheduler == "slurm")
+    local = plan.scheduler == "local"  # on SLURM salloc is the child: Slurm escalates (KillWait)
+    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=plan.scheduler == "slurm",
+                                 kill_grace=LOCAL_KILL_GRACE if local else None)
     if code != 0 and watch and watch.never_started:
         raise LaunchError(watch.never_started, exit_code=code)
     if code != 0 and watch and watch.x11_failed and plan.x11_fix is not None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 from .auth import SECRET_FILE_ENV, SECRET_VALUE_ENV
 from .backend import NodeCommand, Role
 from .dirs import make_private_dir, write_private
-from .owner import OWNER_ENV, this_owner
+from .owner import OWNER_ENV, owner_env, this_owner
 from .placement import placeholder_address
 from .ports import compress_ports
 from .procs import Daemon, display
@@ -351,7 +351,7 @@ class SrunLauncher(_SessionLauncher):
             with open(d.log_path, "ab") as log:
                 log.write(f"==== toksearch {time.strftime('%Y-%m-%d %H:%M:%S')}: {display(d.argv)}\n".encode())
                 d._offset = log.tell()  # type: ignore[attr-defined]
-        step.spawn({**env, **common, OWNER_ENV: this_owner()})
+        step.spawn({**env, **common, **owner_env()})  # the marker, and the beacon other nodes watch
         for d in out:
             d.proc, d.started_at = step.proc, step.started_at
         return out

@@ -20,10 +20,12 @@ dir, writes the secret file (0600) from the environment, leases the daemon's por
 holds it on its own node) and checks they are free (exit 75 with a clear message
 if not), prints one
 line ``toksearch-node: host=... address=... step=JOB.STEP`` and starts the
-daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``)
-when the owner runs on this host (site=local: always; SLURM: the script's node):
-by the parent-death signal and a poll of the owner's PID and create time, so a
-daemon outlives a killed owner by about a second.  On SIGUSR1 (the launcher signals its local srun,
+daemon as its own session.  It watches the cluster's owner (``TOKSEARCH_CLUSTER_OWNER``):
+on the owner's host (site=local: always; SLURM: the script's node) by the
+parent-death signal and a poll of the owner's PID and create time; on any other
+node through the owner's beacon (a TCP connection the owner's kernel closes at its
+death, :func:`~.owner.watch_beacon`), so a daemon outlives a killed owner by about
+a second, on every node, even while the allocation lives on.  On SIGUSR1 (the launcher signals its local srun,
 which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
 daemon's session with the package's one TERM -> grace -> KILL routine
 (:func:`~.procs.terminate`), removes the temp dir, and reports whether
@@ -44,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -53,7 +56,8 @@ from .deaths import EXITS_ENV, DaemonExit, exit_of, record_exit
 from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
 from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
-from .owner import OWNER_ENV, owner_alive, parse_owner, set_parent_death_signal, watched_owner
+from .owner import (BEACON_ENV, OWNER_ENV, OWNER_FILE, owner_alive, parse_owner, set_parent_death_signal,
+                    watch_beacon, watched_owner)
 from .procs import ENV_MARK, Session, terminate
 from .resources import fill_node_values, node_problems, shm_bytes, this_node_values
 
@@ -66,7 +70,9 @@ PREFIX = "toksearch-node:"
 
 
 def _say(msg: str) -> None:
-    print(f"{PREFIX} {msg}", flush=True)
+    """One line in one write: the beacon's thread says its lines beside the main thread's."""
+    sys.stdout.write(f"{PREFIX} {msg}\n")
+    sys.stdout.flush()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -107,6 +113,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not owner_alive(*owner):
             _say(f"owner PID {owner[0]} is gone before the start on {host}")
             return 1
+    beacon_gone = threading.Event()  # the owner runs on another node: its beacon's connection closed
+    if owner is None and os.environ.get(BEACON_ENV) and parse_owner(os.environ.get(OWNER_ENV, "")):
+        threading.Thread(target=watch_beacon, args=(os.environ[BEACON_ENV], os.environ[OWNER_ENV], beacon_gone, _say),
+                         daemon=True, name="owner-beacon").start()
 
     try:
         ip = args.ip or (interface_address(args.interface) if args.interface else None)
@@ -162,6 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     owner_gone = False
     next_check = time.monotonic()
     while child.poll() is None and not stop["signal"]:
+        if beacon_gone.is_set():
+            owner_gone = True
+            break
         if owner is not None and (check_owner["now"] or time.monotonic() >= next_check):
             check_owner["now"] = False
             next_check = time.monotonic() + OWNER_POLL
@@ -171,14 +184,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         time.sleep(0.1)
     rc = child.poll()
     if owner_gone:
-        _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")  # type: ignore[index]
+        if owner is not None:
+            _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")
+        else:
+            _say(f"owner {os.environ.get(OWNER_ENV)} is gone (its beacon closed): stopping session {child.pid}")
     elif rc is None:
         _say(f"signal {stop['signal']}: stopping session {child.pid}")
     elif not stop["signal"]:  # nobody asked: the daemon died while the job ran
         report_exit(args.dir, rc, os.path.basename(cmd[0]), host)
     # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
     remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
-    _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone, presence=presence)
+    # a signal (the job's end) may come before the owner's death is seen: ask again, after the stop
+    orphaned = owner_gone or beacon_gone.is_set() or (owner is not None and not owner_alive(*owner))
+    _cleanup(args, secret_file if wrote_secret else None, orphaned=orphaned, presence=presence)
     if lease is not None:
         lease.release()  # only now: the daemon held these ports until its teardown
     if remaining:
@@ -230,16 +248,18 @@ def _last_wrapper(fd: Optional[int]) -> bool:
 
 def _cleanup(args: argparse.Namespace, secret_file: Optional[str], orphaned: bool = False,
              presence: Optional[int] = None) -> None:
-    """Remove the daemon's dir and secret; the root too once empty, or (orphaned: its owner is
-    gone) once this is the last wrapper of the root."""
+    """Remove the daemon's dir and secret; the root too once empty, or once this is the last wrapper
+    of the root and no owner still uses it: its owner is gone (orphaned), or the root has no owner
+    file (another node's root: the owner's file is on the owner's node)."""
     shutil.rmtree(args.dir, ignore_errors=True)
     if secret_file:
         try:
             os.unlink(secret_file)
         except OSError:
             pass
-    if orphaned and _last_wrapper(presence):
-        shutil.rmtree(args.root, ignore_errors=True)  # the owner that would remove it is gone
+    ownerless = not os.path.lexists(os.path.join(args.root, OWNER_FILE))
+    if (orphaned or ownerless) and _last_wrapper(presence):
+        shutil.rmtree(args.root, ignore_errors=True)  # nobody else would remove it
     try:
         os.rmdir(args.root)  # only if empty: on the script's node the launcher still uses it
     except OSError:

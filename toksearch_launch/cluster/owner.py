@@ -5,7 +5,14 @@ apart) in ``TOKSEARCH_CLUSTER_OWNER``, which every child of a cluster carries:
 the step wrapper around each daemon and the readiness probes.  A child on the
 owner's host watches it two ways: Linux's parent-death signal
 (``prctl(PR_SET_PDEATHSIG)``, immediate when the owner is its parent) and a
-poll of the owner's PID and create time (any parent, any platform).  The
+poll of the owner's PID and create time (any parent, any platform).  A child on
+another node (a SLURM step wrapper) cannot see the owner's PID: it holds a TCP
+connection to the owner's *beacon* instead (:func:`owner_env`), a listener the
+owner opens once, on a port the kernel picks, that sends each caller the owner's
+marker and then keeps the connection open for the owner's life.  The kernel closes
+it when the owner dies, whatever killed it: EOF (or a reset) on a connection whose
+greeting named our owner is the owner's death, and nothing else is (a refused
+connect, a wrong greeting, a timeout: no watch, never a teardown).  The
 cluster's temp dir holds an owner file, so a later start can sweep the temp
 dirs of owners that are gone (only ours: our uid, our file, a dead owner).
 """
@@ -24,6 +31,9 @@ from typing import Optional
 
 #: Env var every child of a cluster carries: ``host:pid:create_time`` of its owner.
 OWNER_ENV = "TOKSEARCH_CLUSTER_OWNER"
+#: Env var a cluster's SLURM steps carry: ``ADDR:PORT,...``, the owner's beacon on each IPv4
+#: address of the owner's node (a wrapper takes the first whose greeting names its owner).
+BEACON_ENV = "TOKSEARCH_CLUSTER_OWNER_BEACON"
 #: File in a cluster's temp dir naming its owner (what the sweep reads).
 OWNER_FILE = ".toksearch-owner"
 #: create_time differences below this are rounding, not a reused PID.
@@ -115,6 +125,104 @@ def exit_with_owner(interval: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=poll, daemon=True, name="owner-watch").start()
+
+
+# ------------------------------------------------------------ the beacon: the owner's life over TCP
+
+_beacon: dict[int, str] = {}  # owner pid -> BEACON_ENV value (a forked child is another owner)
+_beacon_lock = threading.Lock()
+
+
+def owner_env() -> dict[str, str]:
+    """What every child of this owner's cluster on other nodes carries: the owner's marker and,
+    where a listener could be opened, its beacon's addresses (:data:`BEACON_ENV`)."""
+    env = {OWNER_ENV: this_owner()}
+    beacon = start_beacon()
+    if beacon:
+        env[BEACON_ENV] = beacon
+    return env
+
+
+def node_addresses() -> list[str]:
+    """This node's IPv4 addresses other than loopback (where the other nodes may reach it)."""
+    import psutil
+
+    try:
+        return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    except (OSError, psutil.Error):
+        return []
+
+
+def start_beacon() -> Optional[str]:
+    """Open this process's beacon once (kernel-chosen port on every address: no other job can
+    hold it, no lease needed); its ``ADDR:PORT,...``, or None where it cannot be opened."""
+    with _beacon_lock:
+        pid = os.getpid()
+        if pid not in _beacon:
+            addresses = node_addresses()
+            try:
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.bind(("0.0.0.0", 0))
+                listener.listen(128)
+            except OSError:
+                return None
+            port = listener.getsockname()[1]
+            hello = (this_owner() + "\n").encode()
+            threading.Thread(target=_serve_beacon, args=(listener, hello), daemon=True, name="owner-beacon").start()
+            _beacon[pid] = ",".join(f"{a}:{port}" for a in addresses)
+        return _beacon[pid] or None
+
+
+def _serve_beacon(listener: socket.socket, hello: bytes) -> None:
+    """Greet each caller with the owner's marker and hold its connection for the owner's life."""
+    held = []
+    while True:
+        try:
+            conn, _ = listener.accept()
+            conn.sendall(hello)
+        except OSError:
+            continue
+        held.append(conn)  # never closed by us: its close at our death is what the caller waits for
+
+
+def watch_beacon(beacon: str, marker: str, gone: threading.Event, say) -> None:
+    """A wrapper's thread: connect to the owner's beacon (the first address whose greeting is
+    ``marker``), then wait; EOF or a reset sets ``gone``.  Anything else: say why, no watch."""
+    for address in filter(None, beacon.split(",")):
+        host, _, port = address.rpartition(":")
+        try:
+            conn = socket.create_connection((host, int(port)), timeout=3)
+            conn.settimeout(5)
+            greeting = _read_line(conn)
+        except (OSError, ValueError):
+            continue
+        if greeting != marker:
+            conn.close()
+            continue
+        conn.settimeout(None)
+        say(f"watching owner {marker} through its beacon {address}")
+        try:
+            while conn.recv(256):
+                pass
+        except ConnectionResetError:
+            pass
+        except OSError as exc:  # not a close by the owner's kernel: no conclusion
+            say(f"lost the owner's beacon {address} ({exc}): no watch")
+            return
+        gone.set()
+        return
+    say(f"cannot reach the owner's beacon ({beacon}): this node's daemons end with the job")
+
+
+def _read_line(conn: socket.socket, limit: int = 512) -> str:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 # ------------------------------------------------------------ temp dir sweep
