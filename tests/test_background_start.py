@@ -194,7 +194,9 @@ BAD_OPTION = {"ray": {"ray": {"worker": {"start": ["--bogus-flag"]}}},
 def normalized(message: str) -> str:
     """A start error without what differs between two starts: timings, temp dirs, ports, run dirs."""
     text = re.sub(r"\d+\.\d+ s", "N s", message)
-    text = re.sub(r"/tmp/tsl-[0-9a-f]{6}", "/tmp/tsl-X", text)
+    text = re.sub(r"/tmp/tsl-[0-9a-f]{6}/\w+", "/tmp/tsl-X/DIR", text)
+    text = re.sub(r"local\d+", "localK", text)  # Spark: either worker may be the first to exit
+    text = re.sub(r"127\.0\.0\.\d+", "IP", text)
     text = re.sub(r"/\S*/(lazy|background)/", "/RUN/", text)
     return re.sub(r"\d{4,5}", "P", text)
 
@@ -267,3 +269,49 @@ def test_slurm_example_with_background_start_leaves_nothing(tmp_path):
     assert status_of(log.parent.parent, "ray")["state"] == "ready"
     assert "nothing left" in log.read_text()
     nothing_on_any_node()
+
+
+# ------------------------------------------------------------------ unit: plan, config, the waiter
+
+
+def test_the_launcher_wraps_command_for_a_background_start():
+    from types import SimpleNamespace
+
+    from conftest import compose
+    from toksearch_launch.plan import job_command
+
+    cfg = compose(["site=local", "backend=spark", "backend.start=background"])
+    assert job_command(cfg, ["python", "x.py"], SimpleNamespace(python="/venv/bin/python")) == [
+        "/venv/bin/python", "-m", "toksearch_launch.cluster.eager", "--backend", "spark", "--start", "background",
+        "--", "python", "x.py"]
+
+
+def test_config_accepts_background_and_names_the_choices():
+    from conftest import compose
+    from toksearch_launch.config import ConfigError, validate
+
+    validate(compose(["backend.start=background"]))
+    with pytest.raises(ConfigError, match="backend.start='later' is not one of: lazy, eager, background"):
+        validate(compose(["backend.start=later"]))
+
+
+def test_the_waiter_returns_the_attach_file_raises_the_start_error_or_sees_the_starter_gone(tmp_path):
+    from toksearch_launch.cluster import ClusterError, StartError
+    from toksearch_launch.cluster.background import await_cluster, read_status, write_status
+    from toksearch_launch.cluster.owner import this_owner
+
+    path = tmp_path / "s.json"
+    write_status(path, state="ready", info="/run/cluster-ray-1.json")
+    assert await_cluster("ray", path) == "/run/cluster-ray-1.json"
+    write_status(path, state="failed", kind="start", error="ray-worker on node local2 exited with code 2\n  log: x")
+    with pytest.raises(StartError, match="^ray-worker on node local2 exited with code 2\n  log: x$"):
+        await_cluster("ray", path)
+    assert read_status(path)["seen"] is True
+    gone = subprocess.run([PY, "-c", "from toksearch_launch.cluster.owner import this_owner; print(this_owner())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    write_status(path, state="starting", owner=gone, until=time.time() + 600)
+    with pytest.raises(ClusterError, match=r"^the process starting the ray cluster in the background \(PID \d+\) is gone"):
+        await_cluster("ray", path)
+    write_status(path, state="starting", owner=this_owner(), until=time.time() - 1)
+    with pytest.raises(ClusterError, match="gave no outcome in time"):
+        await_cluster("ray", path)
