@@ -254,8 +254,7 @@ def test_a_failed_start_nobody_asked_for_is_one_line_and_keeps_the_exit_code(tmp
 
 @pytest.mark.slurm
 def test_slurm_example_with_background_start_leaves_nothing(tmp_path):
-    from slurm_support import TEST_SITE
-    from test_slurm_clusters import assert_nothing_left as nothing_on_any_node
+    from slurm_support import TEST_SITE, wait_for
 
     out = tmp_path / "records.json"
     result = run_cli([*TEST_SITE, "nodes=3", "backend.start=background", *EXAMPLE, "--source", "synthetic",
@@ -268,7 +267,30 @@ def test_slurm_example_with_background_start_leaves_nothing(tmp_path):
     [log] = list(tmp_path.rglob("logs/ray-cluster.log"))
     assert status_of(log.parent.parent, "ray")["state"] == "ready"
     assert "nothing left" in log.read_text()
-    nothing_on_any_node()
+    run_dir = log.parent.parent
+    roots = roots_in(run_dir, "ray")
+    assert roots
+    try:  # other sessions' jobs share the nodes: look for this job's processes only
+        wait_for(lambda: not ours_on_the_nodes(roots, str(run_dir)), 15, what="this job's processes to end")
+    except AssertionError:
+        raise AssertionError(f"left on the nodes: {ours_on_the_nodes(roots, str(run_dir))}") from None
+
+
+def ours_on_the_nodes(roots: set[str], run_dir: str) -> list[str]:
+    """Processes on any test node that carry one of ``roots`` (cmdline or the temp-dir marker in
+    their environment) or name ``run_dir``: what this job started."""
+    from slurm_support import job_processes
+
+    left = []
+    for node, entries in job_processes().items():
+        for entry in entries:
+            try:
+                env = Path(f"/proc/{entry.split()[0]}/environ").read_bytes().decode(errors="replace")
+            except OSError:
+                env = ""
+            if run_dir in entry or any(r in entry or r in env for r in roots):
+                left.append(f"{node}: {entry[:200]}")
+    return left
 
 
 # ------------------------------------------------------------------ unit: plan, config, the waiter
