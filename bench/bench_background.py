@@ -68,8 +68,22 @@ def one_run(backend: str, mode: str, before: float, nodes: int) -> dict:
     job = time.monotonic() - t
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{backend} {mode} run failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        error = next((ln for ln in proc.stderr.splitlines() if "Error:" in ln), proc.stderr[-300:])
+        raise RunFailed(f"{backend} {mode} run failed ({proc.returncode}): {error.strip()}")
     return {**json.loads(line[7:]), "job": job}
+
+
+class RunFailed(RuntimeError):
+    """One run's job failed (e.g. a daemon timed out on an overloaded machine)."""
+
+
+def run_with_one_retry(backend: str, mode: str, before: float, nodes: int) -> dict:
+    """A failed run is said and run once more (the table counts only runs that finished)."""
+    try:
+        return one_run(backend, mode, before, nodes)
+    except RunFailed as exc:
+        print(f"  {exc}; running it again", flush=True)
+        return one_run(backend, mode, before, nodes)
 
 
 def spread(values: list[float]) -> str:
@@ -95,7 +109,7 @@ def main() -> None:
             for i in range(args.repeat):
                 order = ("lazy", "background") if i % 2 == 0 else ("background", "lazy")
                 for mode in order:
-                    r = one_run(backend, mode, before, args.nodes)
+                    r = run_with_one_retry(backend, mode, before, args.nodes)
                     got[mode].append(r)
                     print(f"  {backend} before={before:g}s {mode:10s} run {i + 1}: first result "
                           f"{r['first_result']:.2f} s, job {r['job']:.2f} s", flush=True)
