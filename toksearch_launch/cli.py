@@ -432,7 +432,7 @@ def _require_writable(run_dir: Path) -> None:
 
 def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
     """One job: check and plan it, then print the plan (dry run) or write its run dir and run or submit it."""
-    from toksearch_launch.config import ConfigError, merge_extra_options, validate
+    from toksearch_launch.config import WRAPPED_STARTS, ConfigError, merge_extra_options, validate
     from toksearch_launch.plan import plan_job
 
     cfg = job.task_config()
@@ -442,7 +442,7 @@ def _run_job(inv: Invocation, job: Job, result: JobResult, cwd: str) -> None:
         plan = plan_job(cfg, inv.command, job.run_dir, _facts(cfg, cwd, inv.dry_run))
     except (ConfigError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    if cfg.backend.start == "eager":  # the wrapper starts the engine at once: check it before allocating
+    if cfg.backend.start in WRAPPED_STARTS:  # the wrapper starts the engine at once: check it before allocating
         from toksearch_launch.engines import missing
 
         reason = missing(cfg.backend.name)

@@ -158,8 +158,10 @@ class BackendOptions:
     """Which cluster the job uses by default and when it is started.
 
     start: ``lazy`` (TokSearch's behaviour: ``compute_ray()`` / ``compute_spark()``
-    start the job's cluster when first called) or ``eager`` (the launcher starts it
-    before COMMAND, exports ``RAY_ADDRESS`` / ``SPARK_MASTER_URL``, stops it after).
+    start the job's cluster when first called), ``eager`` (the launcher starts it
+    before COMMAND, exports ``RAY_ADDRESS`` / ``SPARK_MASTER_URL``, stops it after)
+    or ``background`` (the in-job wrapper starts it while COMMAND already runs;
+    ``compute_*()`` waits for what remains; nothing exported; stopped after COMMAND).
     """
 
     name: str = "ray"
@@ -188,7 +190,9 @@ SCHEDULERS = ("slurm", "local")
 ADDRESS_METHODS = ("dns", "suffix", "interface", "loopback")
 PORT_POLICIES = ("auto", "fixed")
 BACKENDS = ("ray", "spark", "dask")
-BACKEND_STARTS = ("lazy", "eager")
+BACKEND_STARTS = ("lazy", "eager", "background")
+#: The starts the in-job wrapper (``toksearch_launch.cluster.eager``) runs around COMMAND.
+WRAPPED_STARTS = ("eager", "background")
 SQL_DRIVERS = ("pymssql", "psycopg", "sqlite3")
 
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from toksearch_launch.config import CONFIG_ENV, CONFIG_FILE, RUN_DIR_ENV
+from toksearch_launch.config import CONFIG_ENV, CONFIG_FILE, RUN_DIR_ENV, WRAPPED_STARTS
 
 Version = Tuple[int, ...]
 
@@ -165,10 +165,12 @@ def _job_env(run_dir: Path) -> Dict[str, str]:
 
 
 def job_command(cfg: DictConfig, command: Sequence[str], facts: Facts) -> List[str]:
-    """COMMAND as the job runs it: wrapped by the eager cluster starter when asked."""
-    if cfg.backend.start == "eager":
-        return [facts.python, "-m", "toksearch_launch.cluster.eager", "--backend", cfg.backend.name, "--", *command]
-    return list(command)
+    """COMMAND as the job runs it: wrapped by the in-job cluster starter when asked."""
+    if cfg.backend.start not in WRAPPED_STARTS:
+        return list(command)
+    start = [] if cfg.backend.start == "eager" else ["--start", cfg.backend.start]
+    return [facts.python, "-m", "toksearch_launch.cluster.eager", "--backend", cfg.backend.name, *start,
+            "--", *command]
 
 
 #: Exit code of a job whose node cannot see the run directory.

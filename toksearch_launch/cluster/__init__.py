@@ -8,6 +8,9 @@ wait until ready, run, stop), used three ways:
 * eagerly, by ``python -m toksearch_launch.cluster.eager --backend NAME -- COMMAND``
   (``backend.start=eager``): started before COMMAND, which gets the address and
   the auth settings in its environment;
+* in the background, by the same wrapper with ``--start background``
+  (``backend.start=background``): started while COMMAND already runs, whose
+  :func:`job_cluster` waits for what remains of the start (:mod:`.background`);
 * as a context manager in scripts: ``with Cluster("ray") as c: c.connect()``.
 
 Layout: :mod:`.backend` (the Backend protocol and registry; one module per

@@ -14,6 +14,13 @@ COMMAND alone; the cluster is stopped after COMMAND ends (or at once, if a stop
 signal comes while it is starting).  Exit status: COMMAND's (128+N if it died
 of signal N); 1 if the cluster could not start (the reason on stderr).
 
+``--start background`` (``backend.start=background``): the start runs in a
+thread while COMMAND runs at once as a child (:mod:`.background`); COMMAND's
+``job_cluster()`` waits for what remains of it.  No address is exported (none is
+known before the start ends).  Signals go to COMMAND as above (SIGUSR1 too,
+even during the start); when COMMAND ends, a start still running is stopped, or
+the cluster, used or not.  Exit status: COMMAND's, whether the start worked or not.
+
 Ray, ``python SCRIPT ARGS`` or ``python -m MODULE ARGS`` with this very
 interpreter: the script runs *here*, after ``ray.init(address=...)``, so a
 program that guards its own init the way TokSearch does (``if not
@@ -37,10 +44,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from ..config import RUN_DIR_ENV
 from ..procutil import exit_status
 from .backend import backend_names
+from .background import BackgroundStart, start_env, status_path
 from .errors import ClusterError
 from .lifecycle import Cluster
 from .site import default_local_config
@@ -171,9 +180,9 @@ def _run_here(cluster: Cluster, target: PythonTarget, previous: dict, state: dic
     return run_python(target)
 
 
-def _run_child(command: list[str], cluster: Cluster, state: dict) -> int:
+def _run_child(command: list[str], extra_env: dict[str, str], state: dict) -> int:
     env = dict(os.environ)
-    env.update(cluster.client_env())
+    env.update(extra_env)
     # With a terminal, COMMAND stays in our process group (job control, reading the tty);
     # without one it gets its own group, so a forwarded signal reaches its children too.
     kwargs: dict = {} if state["tty"] else {"process_group": 0}
@@ -187,8 +196,8 @@ def _run_child(command: list[str], cluster: Cluster, state: dict) -> int:
     return exit_status(state["child"].wait())
 
 
-def _signal_handler(cluster: Cluster, state: dict):
-    """While starting: a stop signal stops the start, SIGUSR1 is noted; then: forward to COMMAND."""
+def _signal_handler(stop_start: Callable[[], None], state: dict):
+    """Before COMMAND runs: a stop signal stops the start, SIGUSR1 is noted; then: forward to COMMAND."""
 
     def on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
         child = state["child"]
@@ -204,7 +213,7 @@ def _signal_handler(cluster: Cluster, state: dict):
             return
         state["signal"] = state["signal"] or signum
         if child is None:
-            cluster.stop()  # still starting: the start loop sees it and gives up
+            stop_start()  # COMMAND not started yet: the start loop sees it and gives up
             return
         if child.poll() is not None:
             return
@@ -230,6 +239,8 @@ def _parse(argv: list[str]) -> "tuple[argparse.Namespace, list[str]] | int":
     ap = argparse.ArgumentParser(prog="toksearch_launch.cluster.eager")
     ap.add_argument("--backend", required=True, choices=backend_names())
     ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--start", choices=("eager", "background"), default="eager",
+                    help="eager: the cluster is ready before COMMAND; background: started while COMMAND runs")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1 :]
     if not command:
@@ -246,10 +257,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from ..config import load_job_config
 
-    cluster = Cluster(args.backend, load_job_config() or default_local_config(), run_dir=args.run_dir)
+    cfg = load_job_config() or default_local_config()
+    if args.start == "background":
+        return run_background(args.backend, cfg, command, args.run_dir)
+    cluster = Cluster(args.backend, cfg, run_dir=args.run_dir)
     cluster.signal_hooks = False  # ours below: forward to COMMAND, stop the cluster after it
     state: dict = {"child": None, "signal": 0, "tty": os.isatty(0), "here": False}
-    previous = {sig: signal.signal(sig, _signal_handler(cluster, state)) for sig in _SIGNALS}
+    previous = {sig: signal.signal(sig, _signal_handler(cluster.stop, state)) for sig in _SIGNALS}
     try:
         try:
             cluster.start()
@@ -262,13 +276,35 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 128 + state["signal"]
         target = python_target(command) if args.backend == "ray" else None
         if target is None:
-            return _run_child(command, cluster, state)
+            return _run_child(command, cluster.client_env(), state)
         return _run_here(cluster, target, previous, state)
     finally:
         if not state["here"]:
             cluster.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def run_background(backend: str, cfg: Any, command: list[str], run_dir: Optional[str]) -> int:
+    """Start the cluster in a thread and run COMMAND at once; after COMMAND, stop whatever
+    started.  COMMAND's exit status, whatever became of the start."""
+    import tempfile
+
+    run_dir = run_dir or os.environ.get(RUN_DIR_ENV) or tempfile.mkdtemp(prefix="toksearch-run-")
+    cluster = Cluster(backend, cfg, run_dir=run_dir)
+    cluster.signal_hooks = False  # ours: forward to COMMAND, stop the cluster after it
+    starter = BackgroundStart(cluster, status_path(run_dir, backend))
+    state: dict = {"child": None, "signal": 0, "tty": os.isatty(0), "here": False}
+    previous = {sig: signal.signal(sig, _signal_handler(starter.interrupt, state)) for sig in _SIGNALS}
+    try:
+        starter.begin()
+        if state["signal"]:
+            return 128 + state["signal"]
+        return _run_child(command, {start_env(backend): str(starter.path)}, state)
+    finally:
+        starter.finish()  # the start stopped if still running, then the cluster: nothing left
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from ..config import CONFIG_ENV, load_job_config
 from .auth import DAEMON_ENV
 from .backend import get_backend, info_env
+from .background import await_cluster, start_env
 
 if TYPE_CHECKING:
     from .lifecycle import Cluster
@@ -114,7 +115,9 @@ def job_cluster(backend: str) -> Optional["Cluster"]:
 
     Started on first call and stopped at process exit / SIGTERM / SIGHUP (SIGINT
     raises KeyboardInterrupt, then the exit hook stops it); or attached to the one
-    the eager wrapper started.  Outside a job, or inside a daemon's own process
+    the eager wrapper started, or (``backend.start=background``) to the one it is
+    starting, once ready: the wait is only what remains of that start, and a failed
+    start raises the start's own error.  Outside a job, or inside a daemon's own process
     (a Ray task, a Spark executor, a Dask worker): None.
     """
     get_backend(backend)
@@ -130,6 +133,11 @@ def _job_cluster_locked(backend: str) -> Optional["Cluster"]:
     existing = _job_clusters.get(backend)
     if existing is not None and (existing._started or not existing._owner):
         return existing
+    starting = os.environ.get(start_env(backend))
+    if starting:  # backend.start=background: wait for what remains of the wrapper's start
+        cluster = Cluster.attach(backend, await_cluster(backend, starting))
+        _job_clusters[backend] = cluster
+        return cluster
     info = os.environ.get(info_env(backend))
     if info and os.path.exists(info):
         cluster = Cluster.attach(backend, info)

@@ -164,6 +164,10 @@ class Cluster:
         self._stopped = True
         self._started = False
 
+    def interrupt_start(self) -> None:
+        """A start running in another thread gives up at its next poll, stopping what it started."""
+        self._stopping = True
+
     def client_env(self) -> dict[str, str]:
         """Env another driver needs (address + auth by file path); never a secret value."""
         if not self._owner:
