@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
+from test_cluster_local import owned_by
 from toksearch_launch.cluster import default_local_config, procs
-from toksearch_launch.cluster.owner import OWNER_ENV
 
 PY = sys.executable
 EXAMPLE = [PY, str(ROOT / "examples" / "toksearch_example.py")]
@@ -31,18 +30,6 @@ WRAPPER = [PY, "-m", "toksearch_launch.cluster.eager", "--start", "background"]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def owned_by(owner_pid: int) -> list[int]:
-    """Live processes whose owner marker names ``owner_pid`` (wrappers, daemons, probes)."""
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get(OWNER_ENV, "").split(":")[1:2] == [str(owner_pid)]:
-                out.append(p.pid)
-        except (psutil.Error, OSError):
-            pass
-    return out
 
 
 def roots_in(run_dir: Path, backend: str) -> set[str]:

@@ -135,20 +135,29 @@ def test_slurm_sigkill_of_the_launcher_during_a_run_ends_the_allocation_and_its_
     assert not Path(info["root"]).exists()
 
 
+def script_and_its_cluster(launched: "Launched", line: str) -> tuple[dict, set[int], set[int]]:
+    """The site=local script's JSON line (``line``: its pattern), the PIDs of the script (the
+    launcher's one child) and of its 2-node cluster, and their sessions other than ours."""
+    from test_faults_cluster import run_of
+
+    info = json.loads(launched.wait_line(line, 600).group(1))
+    script = info["pid"]
+    assert children_of(launched.proc.pid) == [script]
+    pids = run_of(script) | {script}
+    assert len(pids) > 2, pids  # wrappers and daemons of both nodes
+    sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
+    return info, pids, sids
+
+
 @pytest.mark.cluster
 def test_local_sigkill_of_the_launcher_stops_the_script_and_its_cluster(tmp_path):
     """site=local: the script is the launcher's child; it gets SIGTERM, stops its 2-node Dask cluster
     and exits (before: script and cluster ran on, orphaned)."""
-    from test_faults_cluster import alive, run_of
+    from test_faults_cluster import alive
 
     launched = Launched(["site=local", "nodes=2", "backend=dask", *PORTS_JOB, "600"], tmp_path)
     try:
-        info = json.loads(launched.wait_line(r"^PORTS (.*)", 600).group(1))
-        script = info["pid"]
-        assert children_of(launched.proc.pid) == [script]
-        pids = run_of(script) | {script}
-        assert len(pids) > 2, pids  # wrappers and daemons of both nodes
-        sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
+        info, pids, sids = script_and_its_cluster(launched, r"^PORTS (.*)")
         with time_to_clean("site=local, SIGKILL of toksearch_submit during a run (2-node dask)"):
             launched.kill()
             wait_for(lambda: not alive(pids, sids) and not Path(info["root"]).exists(), 40, 0.1,
@@ -222,19 +231,15 @@ def test_local_sigkill_of_the_launcher_kills_its_script_that_ignores_sigterm_and
     """toksearch_submit site=local nodes=2 backend=dask, its script ignoring SIGTERM (before: the
     script and its cluster outlived the SIGKILLed launcher): SIGTERM, then SIGKILL after
     run.LOCAL_KILL_GRACE; the owner watch then stops the cluster; nothing left."""
-    from test_faults_cluster import alive, run_of
+    from test_faults_cluster import alive
 
     script_file = tmp_path / "ignores_sigterm.py"
     script_file.write_text(IGNORES_SIGTERM)
     become_subreaper(True)
     launched = Launched(["site=local", "nodes=2", "backend=dask", sys.executable, str(script_file), "dask"], tmp_path)
     try:
-        info = json.loads(launched.wait_line(r"^IGNORING (.*)", 600).group(1))
+        info, pids, sids = script_and_its_cluster(launched, r"^IGNORING (.*)")
         script = info["pid"]
-        assert children_of(launched.proc.pid) == [script]
-        pids = run_of(script) | {script}
-        assert len(pids) > 2, pids  # wrappers and daemons of both nodes
-        sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
         with time_to_clean("site=local, SIGKILL of toksearch_submit, its script ignoring SIGTERM (2-node dask)"):
             launched.kill()
             status = reap(script, 60)

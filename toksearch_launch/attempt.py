@@ -53,12 +53,10 @@ def die_like(returncode: int) -> int:
     """Exit as COMMAND did: the same status, or death by the same signal."""
     if returncode >= 0:
         return returncode
+    from toksearch_launch.procutil import die_by_signal
+
     signum = -returncode
-    try:
-        signal.signal(signum, signal.SIG_DFL)
-    except (OSError, ValueError):  # SIGKILL, SIGSTOP: they have no handler to reset
-        pass
-    os.kill(os.getpid(), signum)
+    die_by_signal(signum)
     return 128 + signum  # not reached for a signal whose default action ends the process
 
 

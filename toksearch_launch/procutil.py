@@ -8,8 +8,10 @@ child killed by a signal exits the same way everywhere.  Standard library only
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
+import signal
 from typing import Iterable, Optional
 
 #: Option names whose value is secret (user options may carry some): shown as <redacted>.
@@ -61,3 +63,13 @@ def exit_status(returncode: Optional[int]) -> int:
     if returncode is None:
         return 0
     return 128 - returncode if returncode < 0 else returncode
+
+
+def die_by_signal(signum: int) -> None:
+    """End this process by ``signum``'s default action, as if no handler had been installed
+    (a wrapper or a hook that caught it then exits the way its parent expects)."""
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except (OSError, ValueError):  # SIGKILL, SIGSTOP: no handler to reset
+        pass
+    os.kill(os.getpid(), signum)

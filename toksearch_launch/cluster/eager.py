@@ -47,7 +47,7 @@ from types import TracebackType
 from typing import Any, Callable, Optional, Sequence
 
 from ..config import RUN_DIR_ENV
-from ..procutil import exit_status
+from ..procutil import die_by_signal, exit_status
 from .backend import backend_names
 from .background import BackgroundStart, start_env, status_path
 from .errors import ClusterError
@@ -159,8 +159,7 @@ def _stop_then_default(cluster: Cluster):
 
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
         cluster.stop()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        die_by_signal(signum)
 
     return handler
 

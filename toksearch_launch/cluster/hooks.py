@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from ..config import CONFIG_ENV, load_job_config
+from ..procutil import die_by_signal
 from .auth import DAEMON_ENV
 from .backend import get_backend, info_env
 from .background import await_cluster, start_env
@@ -86,8 +87,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     elif prev == signal.SIG_IGN:
         return
     else:  # default action: die by the same signal, as if we had not been here
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        die_by_signal(signum)
 
 
 def _install_signal_hooks() -> None:

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
+from toksearch_launch.procutil import die_by_signal
+
 #: Exit status of a run stopped before it finished (EX_TEMPFAIL: try again, i.e. resume).
 EXIT_STOPPED = 75
 #: Exit status of a resume refused because the pipeline changed.
@@ -163,8 +165,7 @@ def _on_term(signum: int, frame: Any) -> None:
     if callable(previous):
         previous(signum, frame)
         return
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    die_by_signal(signum)
 
 
 def install_job_handlers() -> None:
