@@ -3,8 +3,10 @@
     python tests/durability_job.py BACKEND COUNT LATENCY
     python tests/durability_job.py two COUNT LATENCY HOLD_FILE
 
-COUNT shots of a synthetic signal that sleeps LATENCY seconds per fetch (so a
-run takes a known time), a map with an array and a scalar, a where() that drops
+COUNT shots of a synthetic signal, each shot first sleeping LATENCY seconds (so a
+run takes a known time; ``DURABILITY_JOB_LATENCY`` in the environment, when set, wins:
+a test's resume runs faster. The pause is a step whose length is a global, so it is
+not part of the pipeline's fingerprint and a resume at another pace is the same run), a map with an array and a scalar, a where() that drops
 some shots, a signal missing for some (records with errors). Prints
 ``RESULT <records> computed=<n>`` when done. ``two``: two serial computes (this
 pipeline, then :func:`second_pipeline`); between them it prints ``BETWEEN`` and
@@ -13,18 +15,33 @@ waits while HOLD_FILE exists, so that a test can kill it there.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import numpy as np
 
 from toksearch_launch import Pipeline, SyntheticSignal
 
 FIRST_SHOT = 170000
+PAUSE = {"s": 0.0}  # seconds per shot; a global (not a closure value), so outside the fingerprint
+
+
+def paced(pipeline: Pipeline, latency: float) -> Pipeline:
+    """Every shot sleeps first: the run's pace, set for this process and not fingerprinted."""
+    PAUSE["s"] = float(os.environ.get("DURABILITY_JOB_LATENCY", latency))
+
+    @pipeline.map
+    def pause(rec):  # nested: pickled by value (with PAUSE) for workers that cannot import this file
+        if PAUSE["s"] > 0:
+            time.sleep(PAUSE["s"])
+
+    return pipeline
 
 
 def make_pipeline(count: int, latency: float) -> Pipeline:
-    pipeline = Pipeline(range(FIRST_SHOT, FIRST_SHOT + count))
-    pipeline.fetch("ip", SyntheticSignal("ip", n=64, latency=latency, missing_every=13))
+    pipeline = paced(Pipeline(range(FIRST_SHOT, FIRST_SHOT + count)), latency)
+    pipeline.fetch("ip", SyntheticSignal("ip", n=64, missing_every=13))
 
     @pipeline.map
     def summarize(rec):
@@ -42,8 +59,8 @@ def make_pipeline(count: int, latency: float) -> Pipeline:
 
 def second_pipeline(count: int, latency: float) -> Pipeline:
     """Another pipeline over the shots after the first one's: a script's second compute."""
-    pipeline = Pipeline(range(FIRST_SHOT + count, FIRST_SHOT + 2 * count))
-    pipeline.fetch("ip", SyntheticSignal("ip", n=16, latency=latency, missing_every=11))
+    pipeline = paced(Pipeline(range(FIRST_SHOT + count, FIRST_SHOT + 2 * count)), latency)
+    pipeline.fetch("ip", SyntheticSignal("ip", n=16, missing_every=11))
 
     @pipeline.map
     def mean_ip(rec):
@@ -54,9 +71,6 @@ def second_pipeline(count: int, latency: float) -> Pipeline:
 
 
 def two_computes(count: int, latency: float, hold: str) -> int:
-    import os
-    import time
-
     first = make_pipeline(count, latency).compute_serial()
     print(f"BETWEEN first={len(first)}", flush=True)
     deadline = time.monotonic() + 300
@@ -68,8 +82,6 @@ def two_computes(count: int, latency: float, hold: str) -> int:
 
 
 def main(argv) -> int:
-    import os
-
     backend, count, latency = argv[0], int(argv[1]), float(argv[2])
     print(f"PID {os.getpid()}", flush=True)  # the SIGKILL test kills exactly this process
     if backend == "two":

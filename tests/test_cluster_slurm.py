@@ -74,7 +74,8 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.parametrize("method,backends", [("dns", "ray,spark"), ("suffix", "spark"), ("interface", "ray,spark")])
+# dns with Spark runs end to end in test_slurm_clusters (the default site); here each rule once per engine
+@pytest.mark.parametrize("method,backends", [("dns", "ray"), ("suffix", "spark"), ("interface", "ray,spark")])
 def test_clusters_across_the_allocation(tmp_path, method, backends):
     env = dict(os.environ, TOKSEARCH_CONFIG=str(job_config(tmp_path / "toksearch.yaml", method)),
                TOKSEARCH_RUN_DIR=str(tmp_path))

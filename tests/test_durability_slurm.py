@@ -26,6 +26,9 @@ from toksearch_launch.resume import job_ids, read_events
 pytestmark = pytest.mark.slurm
 
 JOB = [sys.executable, str(ROOT / "tests" / "durability_job.py")]
+#: A resume's pace: the saved command's per-shot sleep is for the first job (to be stopped mid-run);
+#: the resumed job only has to finish, and the pace is not part of the pipeline's fingerprint.
+FAST_RESUME = {"DURABILITY_JOB_LATENCY": "0.01"}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
 
 
@@ -71,7 +74,8 @@ def only_whole_files(run_dir: Path) -> None:
 
 
 def resume_and_check(tmp_path: Path, run_dir: Path, stored: int, total: int, want, *overrides: str) -> str:
-    resumed = run_cli(["--resume", str(run_dir), "batch.sbatch=[--time=10]", *overrides, "-w"], tmp_path, timeout=900)
+    resumed = run_cli(["--resume", str(run_dir), "batch.sbatch=[--time=10]", *overrides, "-w"], tmp_path,
+                      env=FAST_RESUME, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     new_id = re.search(r"submitted job (\d+)", resumed.stdout).group(1)
     text = (run_dir / f"slurm-{new_id}.out").read_text()

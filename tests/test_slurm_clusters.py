@@ -197,12 +197,3 @@ def test_default_site_example_no_overrides(tmp_path, mds_env):
     [out] = list(tmp_path.rglob(f"slurm-{job_id_from(result.stdout)}.out"))
     assert "Got 10000 results using ray" in out.read_text()
     assert_nothing_left()
-
-
-@pytest.mark.parametrize("backend", ["ray", "spark", "dask"])
-def test_site_local_same_example_for_comparison(tmp_path, backend):
-    start = time.monotonic()
-    result = run_cli(["site=local", "nodes=3", *EXAMPLE, "--source", "synthetic", "--", backend], tmp_path, timeout=400)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"Got 10000 results using {backend}" in result.stdout
-    print(f"{backend}: site=local 3-node example {time.monotonic() - start:.1f}s")
