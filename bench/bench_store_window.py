@@ -45,15 +45,15 @@ def watch_the_writer() -> None:
     cls = store_module.ResultStore
     add, write_atomic = cls.add, store_module.write_atomic
 
-    def timed_add(self, positions, shots, records, stats):
+    def timed_add(self, positions, shots, *rest):
         if positions:
             _handed[store_module.part_name(positions, shots)] = time.perf_counter()
             _waiting[0] += 1
             _waiting[1] = max(_waiting[1], _waiting[0])
-        return add(self, positions, shots, records, stats)
+        return add(self, positions, shots, *rest)
 
-    def timed_write(path, data):
-        write_atomic(path, data)
+    def timed_write(path, data, **kwargs):
+        write_atomic(path, data, **kwargs)
         start = _handed.pop(Path(path).name, None)
         if start is not None:
             _windows.append(time.perf_counter() - start)
