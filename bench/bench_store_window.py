@@ -1,11 +1,12 @@
 """The SIGKILL window of the result store: how long a finished partition waits in the writer thread.
 
-A partition the driver has handed to the store's writer thread is on disk only once
-that thread has pickled, written, fsynced and linked it; a SIGKILL of the script in
+A partition the driver has handed to the store's writer thread survives a SIGKILL of
+the script only once that thread has written it under its name (pickled it first, for
+serial and Ray; multiprocessing and Spark workers send it pickled); a SIGKILL in
 between loses it (docs/durability.md, "What can still be lost"). This measures, for
 every partition of TokSearch's example (``create_pipeline`` of examples/toksearch_example.py),
 the time from ``ResultStore.add`` (handed over) to the end of its ``write_atomic``
-(linked under its name, directory fsynced), and prints the median, 95th percentile
+(under its name; its sync to disk, for a machine crash, follows in groups), and prints the median, 95th percentile
 and maximum per backend, with how many partitions were waiting at once at most.
 
     .venv/bin/python bench/bench_store_window.py [--records 10000] [--backends serial,multiprocessing,ray] [--dir DIR]

@@ -17,7 +17,7 @@ from toksearch_launch.pipeline.store import AUTO, decode_body, encode_body, item
 
 #: A serial run with a store is cut into partitions of this many records, but into at
 #: least SERIAL_MIN_PARTS (a stop loses at most 5% of the work) and at most SERIAL_MAX_PARTS
-#: (each costs a file and an fsync); without a store it is a single partition. Partitions
+#: (each costs a file and its pickling); without a store it is a single partition. Partitions
 #: only change how finely work is saved: the records and statistics are the same.
 SERIAL_STORE_PART_RECORDS = 500
 SERIAL_MIN_PARTS = 20
