@@ -546,6 +546,8 @@ class ResultStore:
             return
         if self._writer is None:
             self._writer = _Writer(self.path)
+        if body is None:  # pickled here: in the writer thread it would wait for the GIL behind a busy driver
+            body = encode_body(records, shots, stats)
         encode = functools.partial(encode_partition, self.fingerprint, list(positions), list(shots), list(records),
                                    stats, self.total, body)
         self._writer.put(self.path / part_name(positions, shots), encode)
