@@ -1,9 +1,9 @@
 """The SIGKILL window of the result store: how long a finished partition waits in the writer thread.
 
 A partition the driver has handed to the store's writer thread survives a SIGKILL of
-the script only once that thread has written it under its name (pickled it first, for
-serial and Ray; multiprocessing and Spark workers send it pickled); a SIGKILL in
-between loses it (docs/durability.md, "What can still be lost"). This measures, for
+the script only once that thread has written it under its name (its records come
+pickled: by the worker, or by ``ResultStore.add`` on the driver's thread, which this
+window includes); a SIGKILL in between loses it (docs/durability.md, "What can still be lost"). This measures, for
 every partition of TokSearch's example (``create_pipeline`` of examples/toksearch_example.py),
 the time from ``ResultStore.add`` (handed over) to the end of its ``write_atomic``
 (under its name; its sync to disk, for a machine crash, follows in groups), and prints the median, 95th percentile

@@ -393,11 +393,12 @@ SYNC_S = 2.0
 
 
 class _Writer:
-    """One background thread that pickles and writes partition files in the order given, and
-    syncs them to disk in groups.
+    """One background thread that writes partition files in the order given, and syncs them
+    to disk in groups.
 
-    The driver hands a finished partition over at once; the pickling and writing
-    then overlap with the driver's wait for the next partitions. Each file gets its
+    The driver hands a finished partition over at once, its records already pickled
+    (by the worker, or by ``add``); the header, the checksum and the writing then
+    overlap with the driver's wait for the next partitions. Each file gets its
     name only once whole (:func:`write_atomic`), so a killed process leaves whole
     files or none, and the kernel keeps their pages. The sync that a machine crash
     needs is one :func:`sync_files` for every partition written since the last one,
