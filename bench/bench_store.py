@@ -1,8 +1,8 @@
 """The result store's overhead: TokSearch's example with ``store=PATH`` against ``store=None``.
 
 Side by side in one run, alternated (store, none, store, none, ...), each store
-run into a fresh directory so it writes every partition and the manifest (with
-fsync) as a job's run would. Ray and Spark are started once and warmed up, so
+run into a fresh directory so it writes every partition and the manifest, and
+syncs them to disk (``compute_*`` returns after the last sync), as a job's run would. Ray and Spark are started once and warmed up, so
 their start-up is excluded. Prints a markdown table: median and min wall time of
 each variant and the ratio store / none: the median of the ratios of each
 back-to-back pair (drift of the machine's load cancels out) and the ratio of the

@@ -1,11 +1,12 @@
 """The SIGKILL window of the result store: how long a finished partition waits in the writer thread.
 
-A partition the driver has handed to the store's writer thread is on disk only once
-that thread has pickled, written, fsynced and linked it; a SIGKILL of the script in
-between loses it (docs/durability.md, "What can still be lost"). This measures, for
+A partition the driver has handed to the store's writer thread survives a SIGKILL of
+the script only once that thread has written it under its name (its records come
+pickled: by the worker, or by ``ResultStore.add`` on the driver's thread, which this
+window includes); a SIGKILL in between loses it (docs/durability.md, "What can still be lost"). This measures, for
 every partition of TokSearch's example (``create_pipeline`` of examples/toksearch_example.py),
 the time from ``ResultStore.add`` (handed over) to the end of its ``write_atomic``
-(linked under its name, directory fsynced), and prints the median, 95th percentile
+(under its name; its sync to disk, for a machine crash, follows in groups), and prints the median, 95th percentile
 and maximum per backend, with how many partitions were waiting at once at most.
 
     .venv/bin/python bench/bench_store_window.py [--records 10000] [--backends serial,multiprocessing,ray] [--dir DIR]
@@ -45,15 +46,15 @@ def watch_the_writer() -> None:
     cls = store_module.ResultStore
     add, write_atomic = cls.add, store_module.write_atomic
 
-    def timed_add(self, positions, shots, records, stats):
+    def timed_add(self, positions, shots, *rest):
         if positions:
             _handed[store_module.part_name(positions, shots)] = time.perf_counter()
             _waiting[0] += 1
             _waiting[1] = max(_waiting[1], _waiting[0])
-        return add(self, positions, shots, records, stats)
+        return add(self, positions, shots, *rest)
 
-    def timed_write(path, data):
-        write_atomic(path, data)
+    def timed_write(path, data, **kwargs):
+        write_atomic(path, data, **kwargs)
         start = _handed.pop(Path(path).name, None)
         if start is not None:
             _windows.append(time.perf_counter() - start)

@@ -23,6 +23,7 @@ from toksearch_launch.pipeline.store import (
     StoreMismatch,
     fingerprint,
     part_files,
+    read_header,
     write_atomic,
 )
 from toksearch_launch.resume import read_events
@@ -76,6 +77,56 @@ def test_numpy_and_xarray_records_round_trip(tmp_path):
     loaded = load_results(tmp_path / "s")
     assert_same_records(loaded, result)
     assert loaded[0]["ds"].identical(result[0]["ds"])
+
+
+def test_numpy_scalars_keep_their_type_and_value(tmp_path):
+    """The store pickles numpy scalars as type + Python number: same dtype, same bits, both ways
+    (serial: pickled in the writer; multiprocessing: in the worker)."""
+    values = {"f64": np.float64(1 / 3), "f32": np.float32(0.1), "f16": np.float16(0.3), "nan": np.float64("nan"),
+              "neg0": np.float64(-0.0), "i64": np.int64(-2**62), "u64": np.uint64(2**64 - 1), "b": np.bool_(True),
+              "c64": np.complex64(1 + 2j), "ld": np.longdouble(1) / 3, "dt": np.datetime64("2020-01-01T00:00:00.123")}
+    pipeline = Pipeline(range(1, 9))
+
+    @pipeline.map
+    def scalars(rec):
+        rec.update(values)
+
+    for backend, kwargs in (("serial", {}), ("multiprocessing", {"num_workers": 2, "batch_size": 3})):
+        result = getattr(pipeline, f"compute_{backend}")(store=tmp_path / backend, **kwargs)
+        for records in (result, load_results(tmp_path / backend)):
+            for rec in records:
+                for key, want in values.items():
+                    got = rec[key]
+                    assert type(got) is type(want) and np.array(got).tobytes() == np.array(want).tobytes(), (key, got)
+
+
+def test_a_partition_cut_short_by_a_crash_is_computed_again(tmp_path, capsys):
+    """A machine crash before the group sync can leave a file under its name but short or
+    empty: the next open removes it (one line) and computes its records again; load_results
+    skips a file whose records fail their CRC."""
+    store = tmp_path / "s"
+    make_pipeline(120, 0.0).compute_serial(store=store)
+    parts = part_files(store)
+    short, empty = parts[1], parts[3]
+    short.write_bytes(short.read_bytes()[:-10])
+    empty.write_bytes(b"")
+    capsys.readouterr()
+    result = make_pipeline(120, 0.0).compute_serial(store=store)
+    out = capsys.readouterr().out
+    assert out.count("removed a damaged partition file") == 2, out
+    assert f"{120 - 2 * 6} of 120 records already stored" in out, out
+    want = reference(120)
+    assert_same_records(result, want)
+    assert_same_records(load_results(store), want)
+
+    flipped = part_files(store)[2]
+    lost = len(read_header(flipped)["positions"])
+    data = bytearray(flipped.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes: only the CRC sees it
+    flipped.write_bytes(bytes(data))
+    loaded = load_results(store)
+    assert "skipped" in capsys.readouterr().err
+    assert loaded.info["records_stored"] == 120 - lost and not loaded.info["complete"]
 
 
 def test_dataframe_of_scalar_fields(tmp_path):

@@ -158,7 +158,7 @@ def test_requeue_finishes_by_itself(requeue_job):
     text = (run_dir / f"slurm-{job_id}.out").read_text()
     assert state == "COMPLETED", text
     assert int(job_field(job_id, "Restarts")) >= 1
-    assert f"requeueing job {job_id} after its time limit" in text, text
+    assert f"asking Slurm to requeue job {job_id} after its time limit" in text, text
     assert "records already stored, skipped" in text  # the requeued attempt resumed; same output file
     final = load_results(run_dir)
     assert_same_records(final, want)

@@ -427,9 +427,11 @@ def continue_after_stop(run_dir: Path, timed_out: bool) -> None:
         return
     attempt = timeouts + (1 if timed_out else 0)
     why = "time limit" if timed_out else "preemption"
-    # Said and logged first: once Slurm accepts the requeue it kills this job at once.
-    print(f"toksearch: requeueing job {job_id} after its {why} (requeue {attempt} of at most "
-          f"{cfg.batch.max_requeues}); it resumes where it stopped", flush=True)
+    # Said and logged before asking: once Slurm accepts the requeue it kills this job at once,
+    # so the request is said as a request; a refusal is said after it.
+    print(f"toksearch: asking Slurm to requeue job {job_id} after its {why} (requeue {attempt} of at most "
+          f"{cfg.batch.max_requeues}); if it accepts, this job ends now and its next start resumes "
+          "where it stopped", flush=True)
     log_event(run_dir, "requeued", timed_out=timed_out, attempt=attempt)
     try:
         out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)

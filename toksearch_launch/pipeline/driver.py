@@ -23,7 +23,9 @@ from toksearch_launch.pipeline.store import item_shot
 #: Partitions per CPU when neither the caller nor the job config says otherwise.
 DEFAULT_PARTITIONS_PER_CPU = 4
 
-PartitionResult = Tuple[List[Record], RunStats]
+#: (records, stats), or (records, stats, the records as ``store.encode_body`` bytes) from an executor
+#: whose workers pickle them anyway to send them: the store then writes those bytes as they are.
+PartitionResult = Tuple[Any, ...]
 #: Called once per finished partition with (records in, records out with errors, where-errors).
 OnDone = Callable[[int, int, int], None]
 
@@ -229,9 +231,10 @@ def drive(
                 print(f"NUM CPUS: {num_cpus}")
                 print(f"NUM PARTITIONS: {len(chunks)}")
                 print(f"MEDIAN PARTITION SIZE: {median_size(chunks)}", flush=True)
-            for index, (recs, part_stats) in finished_partitions(executor, chunks, stop, progress.update):
+            for index, (recs, part_stats, *body) in finished_partitions(executor, chunks, stop, progress.update):
                 if store is not None:
-                    store.add(index_chunks[index], shots[index], recs, part_stats)  # type: ignore[index]
+                    store.add(index_chunks[index], shots[index], recs, part_stats,  # type: ignore[index]
+                              body[0] if body else None)
                 out.append((index_chunks[index], recs, part_stats))
     finally:
         stop.active -= 1

@@ -11,13 +11,13 @@ import queue
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 from toksearch_launch.pipeline.driver import POLL_S, PartitionResult, drive
-from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition, run_partition_wire
+from toksearch_launch.pipeline.ops import Item, Op, run_partition
 from toksearch_launch.pipeline.results import ResultSet
-from toksearch_launch.pipeline.store import AUTO, resolve_store
+from toksearch_launch.pipeline.store import AUTO, decode_body, encode_body, item_shot, resolve_store
 
 #: A serial run with a store is cut into partitions of this many records, but into at
 #: least SERIAL_MIN_PARTS (a stop loses at most 5% of the work) and at most SERIAL_MAX_PARTS
-#: (each costs a file and an fsync); without a store it is a single partition. Partitions
+#: (each costs a file and its pickling); without a store it is a single partition. Partitions
 #: only change how finely work is saved: the records and statistics are the same.
 SERIAL_STORE_PART_RECORDS = 500
 SERIAL_MIN_PARTS = 20
@@ -95,10 +95,13 @@ def _mp_init(payload: bytes) -> None:
     _WORKER_OPS = pickle.loads(payload)
 
 
-def _mp_run(task: Any) -> Any:
+def _mp_run(task: Any) -> Tuple[int, bytes]:
+    """One partition in a worker, its records pickled once: for the driver and for the store alike."""
     index, chunk = task
     assert _WORKER_OPS is not None
-    return index, run_partition_wire(_WORKER_OPS, chunk)
+    shots = [item_shot(item) for item in chunk]  # the input shots: where each output record came from
+    records, stats = run_partition(_WORKER_OPS, chunk)
+    return index, encode_body(records, shots, stats)
 
 
 class PoolExecutor:
@@ -136,8 +139,8 @@ class PoolExecutor:
             running -= 1
             if isinstance(item, BaseException):
                 raise item
-            index, (rows, stats) = item
-            yield index, (records_from_wire(rows), stats)
+            index, body = item
+            yield index, (*decode_body(body), body)
 
 
 def auto_batch_size(n_records: int, num_workers: int) -> int:

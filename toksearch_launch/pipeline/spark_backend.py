@@ -14,21 +14,24 @@ from toksearch_launch.engines import require as require_engine
 from toksearch_launch.pipeline.driver import PartitionResult, drive, in_flight
 from toksearch_launch.pipeline.local_backends import usable_cpus
 from toksearch_launch.pipeline.node_loss import NodeWatch, spark_attempt, spark_live_nodes
-from toksearch_launch.pipeline.ops import Item, Op, records_from_wire, run_partition_wire
+from toksearch_launch.pipeline.ops import Item, Op, run_partition
 from toksearch_launch.pipeline.results import ResultSet, SparkRecordSet, as_record_set
-from toksearch_launch.pipeline.store import AUTO, resolve_store
+from toksearch_launch.pipeline.store import AUTO, decode_body, encode_body, item_shot, resolve_store
 
 
 def _spark_partition(broadcast: Any, chunks: Iterable[List[Item]]) -> Iterator[Tuple[Any, ...]]:
-    """A partition holds one chunk; it yields a single (records, stats, attempt number: above 0
-    when Spark reran the task, e.g. after an executor loss). The steps come from a
-    broadcast (cloudpickled once per run), unpickled once per Python worker."""
+    """A partition holds one chunk; it yields a single (the records and stats as
+    ``store.encode_body`` bytes, pickled once for the driver and the store alike; attempt
+    number: above 0 when Spark reran the task, e.g. after an executor loss). The steps come
+    from a broadcast (cloudpickled once per run), unpickled once per Python worker."""
     ops = getattr(broadcast, "_toksearch_ops", None)  # the worker's broadcast object lives as long as the run
     if ops is None:
         ops = pickle.loads(broadcast.value)
         broadcast._toksearch_ops = ops
     items = [item for chunk in chunks for item in chunk]
-    yield (*run_partition_wire(ops, items), spark_attempt())
+    shots = [item_shot(item) for item in items]  # the input shots: where each output record came from
+    records, stats = run_partition(ops, items)
+    yield encode_body(records, shots, stats), spark_attempt()
 
 
 class SparkExecutor:
@@ -49,8 +52,8 @@ class SparkExecutor:
         watch = NodeWatch("spark", functools.partial(spark_live_nodes, self.sc))
 
         def one(index: int) -> Tuple[int, PartitionResult, Optional[int]]:
-            [(rows, stats, attempt)] = self.sc.runJob(rdd, func, [index])
-            return index, (records_from_wire(rows), stats), attempt
+            [(body, attempt)] = self.sc.runJob(rdd, func, [index])
+            return index, (*decode_body(body), body), attempt
 
         def wait_some(futures: List[Any], timeout: float) -> Any:
             return concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)[0]
