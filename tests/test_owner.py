@@ -134,7 +134,7 @@ def test_a_beacon_port_refused_on_every_address_is_the_owner_gone() -> None:
         gone, said, thread = watching(beacon, "tsn1:1:2.000")
         thread.join(20)
         assert gone.is_set(), said
-        assert said == [f"the owner's beacon refused the connection on every address ({beacon}): owner tsn1:1:2.000 is gone"]
+        assert said == []  # the wrapper says it, with what it does (one line)
     proc, env = beacon_owner()
     try:
         mixed = f"127.0.0.1:{port},{env[owner.BEACON_ENV]}"  # refused, then a live beacon of another owner

@@ -241,11 +241,10 @@ def watch_beacon(beacon: str, marker: str, gone: threading.Event, say,
                  answered: Optional[Callable[[BeaconAnswer], None]] = None) -> None:
     """A wrapper's thread: ask the owner's beacon (:func:`ask_beacon`), hand the answer to
     ``answered``, then, if greeted, wait; EOF or a reset sets ``gone``, so does a refusal on
-    every address.  Anything else: say why, no watch."""
+    every address (said by the wrapper).  Anything else: say why, no watch."""
     answer = ask_beacon(beacon, marker)
     if answer.verdict == REFUSED:
-        say(f"the owner's beacon refused the connection on every address ({beacon}): owner {marker} is gone")
-        gone.set()
+        gone.set()  # the wrapper says it, with what it does about it (one line)
     elif answer.verdict == WATCHING:
         say(f"watching owner {marker} through its beacon {answer.address}")
     else:
