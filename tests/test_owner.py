@@ -261,3 +261,35 @@ def test_the_last_wrapper_removes_a_root_only_when_no_live_owner_uses_it(tmp_pat
     args, lock = wrapper_of(owned, "r1")
     node._cleanup(args, None, orphaned=True, presence=lock)
     assert not owned.exists()
+
+
+def test_site_owner_beacon_false_gives_the_steps_no_beacon(tmp_path, monkeypatch) -> None:
+    """The escape hatch for a site whose firewall rejects the beacon's port: with
+    ``site.owner_beacon=false`` a role's srun carries the owner's marker and no beacon (its
+    wrappers then have no watch: daemons end with the job); by default it carries both."""
+    from test_slurm_launcher import _saga_plan
+
+    from toksearch_launch.cluster import launcher
+    from toksearch_launch.cluster.ports import release_block
+
+    started: list[dict] = []
+
+    class FakeProc:
+        pid = 4242
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda argv, **kw: started.append(kw["env"]) or FakeProc())
+    for beacon in (True, False):
+        (tmp_path / str(beacon)).mkdir()
+        plan = _saga_plan("spark", tmp_path / str(beacon), monkeypatch, ["n1", "n2"])
+        try:
+            plan.cfg.site.owner_beacon = beacon
+            _, workers = plan.engine.roles(plan)
+            launcher.SrunLauncher(plan).spawn(workers, {"PATH": "/bin"})
+        finally:
+            release_block(plan.ports.base)
+    with_beacon, without = started
+    assert with_beacon[owner.OWNER_ENV] == without[owner.OWNER_ENV] == this_owner()
+    assert with_beacon[owner.BEACON_ENV] and owner.BEACON_ENV not in without
