@@ -190,8 +190,8 @@ def test_a_wrapper_whose_beacon_is_refused_starts_nothing_and_removes_the_root(t
     assert not os.path.exists(root)
     gone = [ln for ln in done.stdout.splitlines() if "is gone before the start" in ln]
     assert gone == [f"toksearch-node: owner {marker} is gone before the start on {socket.gethostname()}: its beacon "
-                    f"{beacon} refused the connection on every address; starting nothing (if the owner still runs, "
-                    "a firewall between the nodes rejects that port: site.owner_beacon=false turns the beacon off)"]
+                    f"{beacon} refused the connection on every address; started nothing, nothing left (if the owner "
+                    "still runs, a firewall between the nodes rejects that port: site.owner_beacon=false turns the beacon off)"]
     assert "host=" not in done.stdout
 
 

@@ -151,10 +151,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         make_private_dir(d)
     presence = _announce(args.root)
     if beacon is not None and beacon.gone_before_start(BEACON_ANSWER_WAIT):
-        _say(f"owner {beacon.marker} is gone before the start on {host}: its beacon {beacon.beacon} refused "
-             "the connection on every address; starting nothing (if the owner still runs, a firewall between "
-             "the nodes rejects that port: site.owner_beacon=false turns the beacon off)")
         _cleanup(args, None, orphaned=True, presence=presence)  # the last wrapper of the root removes it
+        _say(f"owner {beacon.marker} is gone before the start on {host}: its beacon {beacon.beacon} refused "
+             "the connection on every address; started nothing, nothing left (if the owner still runs, a firewall "
+             "between the nodes rejects that port: site.owner_beacon=false turns the beacon off)")
         return 1
     secret_file = env.pop(SECRET_FILE_ENV, None)
     secret = env.pop(SECRET_VALUE_ENV, None)
@@ -183,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _say(f"from the allocation on {host}: {' '.join(allocation)}")
     if stop["signal"]:
         _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone_now(), presence=presence)
+        _say(f"signal {stop['signal']} before the daemon's start on {host}: started nothing, nothing left")
         return 128 + stop["signal"]
     child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     owner_gone = False
