@@ -3,11 +3,12 @@ start and during a run, Ray and Spark, interactive (``-N 3``) and batch (``-N 3 
 
 The script (KILL_JOB below, one for every case) names itself on its first line: its PID,
 node, job id and run dir. The test checks that PID on that node (it is in the node's
-namespace and carries the job's ``SLURM_JOB_ID``), SIGKILLs it either once a worker's
-step wrapper on another node has written its first line (the start) or once a worker node has computed a
-record (the run), and then polls until nothing of the job is left on any node (found by
+namespace and carries the job's ``SLURM_JOB_ID``), SIGKILLs it either as soon as a worker's
+step wrapper process runs on another node, before any of them has said a word (the start: the
+remote wrappers ask the owner's beacon after the kill, so they find it refused) or once a worker
+node has computed a record (the run), and then polls until nothing of the job is left on any node (found by
 the job id in each process's environment or in slurmstepd's name, never by name), the
-cluster's temp dirs (from the daemons' marks, collected before the kill) are gone and the
+cluster's temp dirs (from its steps' specs in the run dir) are gone and the
 job has ended. Time from the kill to clean is recorded (``TOKSEARCH_FAULT_TIMES``), never
 asserted.
 """
@@ -30,7 +31,6 @@ from slurm_support import NODES, TEST_SITE, job_field, job_id_from, namespace_pi
 from test_faults import slurm_job_processes
 from test_faults_submit import Launched
 from toksearch_launch.cluster.owner import OWNER_ENV
-from toksearch_launch.cluster.procs import ENV_MARK
 
 pytestmark = pytest.mark.slurm
 
@@ -73,15 +73,37 @@ def owner_line(text: str) -> "dict | None":
     return json.loads(match.group(1)) if match else None
 
 
-def remote_workers_watching(run_dir: Path, backend: str, head: str) -> bool:
-    """Every worker's step wrapper on the other nodes than the script's watches the owner's beacon.
+def remote_worker_logs(run_dir: Path, backend: str, head: str) -> dict[str, Path]:
+    return {node: run_dir / "logs" / f"{backend}-worker-{node}.log" for node in NODES if node != head}
 
-    Why every one: a wrapper that starts after its owner died finds the beacon refused and
-    does not watch (no false teardown); that case is a known limit (docs/reliability.md),
-    not what this test shows."""
-    remote = [node for node in NODES if node != head]
-    logs = {node: run_dir / "logs" / f"{backend}-worker-{node}.log" for node in remote}
-    return all(log.exists() and "through its beacon" in log.read_text(errors="replace") for log in logs.values())
+
+def wrapper_lines(log: Path) -> list[str]:
+    """What a node's step wrapper said (the owner writes the log's ``====`` header before the step)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [ln for ln in text.splitlines() if ln.startswith("toksearch-node:")]
+
+
+def once_a_remote_wrapper_runs(job_id: str, backend: str, head: str) -> "dict[str, list[str]] | None":
+    """The job's processes once a worker's step wrapper process runs on a node other than the
+    script's (its python, by the job id in its environment and the worker step's spec on its
+    command line), else None."""
+    processes = slurm_job_processes([job_id])
+    running = any(node != head and "toksearch_launch.cluster.node" in line and f"-{backend}-worker.json" in line
+                  for node, lines in processes.items() for line in lines)
+    return processes if running else None
+
+
+def what_the_remote_wrapper_did(lines: list[str]) -> str:
+    """One word per node for the record: the wrapper never ran, found the owner gone before its
+    start, watched the beacon, or (the gap this test holds closed) ran unwatched."""
+    text = "\n".join(lines)
+    if "is gone before the start" in text:
+        return "gone before the start"
+    if "cannot reach the owner's beacon" in text:
+        return "unwatched"
+    if "through its beacon" in text:
+        return "watched"
+    return "never ran" if not lines else "other"
 
 
 def worker_computed(marks: Path, head: str) -> bool:
@@ -96,14 +118,14 @@ def process_env(pid: int) -> dict[str, str]:
     return dict(e.split("=", 1) for e in raw.decode(errors="replace").split("\0") if "=" in e)
 
 
-def cluster_roots(job_id: str) -> set[str]:
-    """The temp dirs of the job's cluster, from its daemons' marks (``TOKSEARCH_CLUSTER_MARK``)."""
+def cluster_roots(run_dir: Path) -> set[str]:
+    """The temp dirs of the job's clusters, from their steps' specs in the run dir (each node's
+    wrapper gets its ``--root`` there): known before any wrapper runs, and after the kill."""
     roots = set()
-    for lines in slurm_job_processes([job_id]).values():
-        for line in lines:
-            m = re.match(r"(/.*?/tsl-[0-9a-f]{6})", process_env(int(line.split()[0])).get(ENV_MARK, ""))
-            if m:
-                roots.add(m.group(1))
+    for spec in (run_dir / "steps").glob("tsl-*.json"):
+        for entry in json.loads(spec.read_text()).get("nodes", {}).values():
+            argv = entry["argv"]
+            roots.add(argv[argv.index("--root") + 1])
     return roots
 
 
@@ -145,18 +167,23 @@ def test_slurm_sigkill_of_the_script_leaves_nothing_on_any_node(tmp_path, backen
             text = lambda: "\n".join(launched.lines)  # noqa: E731
         run_dir = Path(owner["run_dir"])
         pid = script_pid(owner)
+        logs = remote_worker_logs(run_dir, backend, owner["host"])
         if phase == "start":
-            wait_for(lambda: remote_workers_watching(run_dir, backend, owner["host"]), 120, 0.05,
-                     f"every {backend} worker's step wrapper on the other nodes watching the owner's beacon")
+            # the kill at once: the remote wrappers then ask the owner's beacon after its death
+            before = wait_for(lambda: once_a_remote_wrapper_runs(job_id, backend, owner["host"]), 120, 0.02,
+                              f"a {backend} worker's step wrapper running on a node other than {owner['host']}")
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            said = {node: wrapper_lines(log) for node, log in logs.items()}
             assert "READY " not in text(), "the cluster was ready before the kill"
         else:
             wait_for(lambda: "READY " in text(), 180, 0.1, "the cluster's READY line")
             wait_for(lambda: worker_computed(marks, owner["host"]), 120, 0.1, "a record computed on a worker node")
-        roots = cluster_roots(job_id)
-        assert roots, slurm_job_processes([job_id])
-        before = slurm_job_processes([job_id])
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+            before = slurm_job_processes([job_id])
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+        roots = cluster_roots(run_dir)
+        assert roots, sorted((run_dir / "steps").iterdir())
         try:
             wait_for(lambda: job_field(job_id, "JobState") in FINAL | {""} and slurm_job_processes([job_id]) == {}
                      and not any(os.path.exists(r) for r in roots), 60, 0.05,
@@ -170,6 +197,10 @@ def test_slurm_sigkill_of_the_script_leaves_nothing_on_any_node(tmp_path, backen
         record(f"slurm -N 3 {mode}, SIGKILL of the {backend} script during the {phase}", took)
         print(f"job {job_id}: {state} ExitCode={exit_code}; before the kill: "
               + ", ".join(f"{node} {len(p)}" for node, p in sorted(before.items())))
+        did = {node: what_the_remote_wrapper_did(wrapper_lines(log)) for node, log in logs.items()}
+        if phase == "start":
+            print(f"remote wrappers' lines at the kill: {said}; then: {did}")
+        assert "unwatched" not in did.values(), {node: wrapper_lines(log) for node, log in logs.items()}
         assert len(before) == (3 if phase == "run" else len(before)) >= 2, before  # the cluster on remote nodes too
         assert slurm_job_processes([job_id]) == {}
         assert [r for r in roots if os.path.exists(r)] == []
@@ -215,7 +246,7 @@ def test_slurm_sigkill_of_the_script_while_its_allocation_lives_on_stops_every_n
         pid = script_pid(owner)
         launched.wait_line(r"^READY ", 180)
         wait_for(lambda: worker_computed(marks, owner["host"]), 120, 0.1, "a record computed on a worker node")
-        roots = cluster_roots(job_id)
+        roots = cluster_roots(Path(owner["run_dir"]))
         before = marked_processes(pid)
         assert sorted(before) == NODES and roots, before
         t0 = time.monotonic()

@@ -144,6 +144,10 @@ class SiteOptions:
     slurm_version: Optional[str] = None
     #: Run COMMAND as an exclusive allocation (`--exclusive` on salloc/sbatch).
     exclusive: bool = True
+    #: SLURM: the other nodes' step wrappers watch the owner (the script) through its beacon, a
+    #: TCP port the kernel picks on the owner's node; false for a site whose firewall rejects it
+    #: between compute nodes (those nodes' daemons then end with the job).
+    owner_beacon: bool = True
     #: site=local: CPUs each local node offers (None: this machine's CPUs / nodes).
     local_cpus_per_node: Optional[int] = None
     #: The site's SQL database (Pipeline.from_sql connect helpers).

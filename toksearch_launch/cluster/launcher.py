@@ -351,7 +351,8 @@ class SrunLauncher(_SessionLauncher):
             with open(d.log_path, "ab") as log:
                 log.write(f"==== toksearch {time.strftime('%Y-%m-%d %H:%M:%S')}: {display(d.argv)}\n".encode())
                 d._offset = log.tell()  # type: ignore[attr-defined]
-        step.spawn({**env, **common, **owner_env()})  # the marker, and the beacon other nodes watch
+        beacon = bool(getattr(self.plan.cfg.site, "owner_beacon", True))  # off: where a firewall rejects it
+        step.spawn({**env, **common, **owner_env(with_beacon=beacon)})  # the marker, and the beacon other nodes watch
         for d in out:
             d.proc, d.started_at = step.proc, step.started_at
         return out

@@ -25,7 +25,10 @@ on the owner's host (site=local: always; SLURM: the script's node) by the
 parent-death signal and a poll of the owner's PID and create time; on any other
 node through the owner's beacon (a TCP connection the owner's kernel closes at its
 death, :func:`~.owner.watch_beacon`), so a daemon outlives a killed owner by about
-a second, on every node, even while the allocation lives on.  On SIGUSR1 (the launcher signals its local srun,
+a second, on every node, even while the allocation lives on.  A beacon that refuses the
+connection on every address before the daemon's start means the owner is gone (it opens
+its beacon before any step): the wrapper starts nothing, says so and exits 1, and as the
+last wrapper of the root removes it.  On SIGUSR1 (the launcher signals its local srun,
 which forwards it) or SIGTERM/SIGINT/SIGHUP (scancel, job end) it stops the
 daemon's session with the package's one TERM -> grace -> KILL routine
 (:func:`~.procs.terminate`), removes the temp dir, and reports whether
@@ -46,7 +49,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Optional
 
@@ -56,14 +58,17 @@ from .deaths import EXITS_ENV, DaemonExit, exit_of, record_exit
 from .dirs import make_private_dir, write_private
 from .placement import NODE_IP, interface_address
 from .ports import PortsLeased, busy_ports, expand_ports, lease_ports
-from .owner import (BEACON_ENV, OWNER_ENV, OWNER_FILE, owner_alive, parse_owner, set_parent_death_signal,
-                    watch_beacon, watched_owner)
+from .owner import (BEACON_ENV, OWNER_ENV, OWNER_FILE, BeaconWatch, owner_alive, parse_owner,
+                    set_parent_death_signal, watched_owner)
 from .procs import ENV_MARK, Session, terminate
 from .resources import fill_node_values, node_problems, shm_bytes, this_node_values
 
 EXIT_PORTS_BUSY = 75
 #: seconds between two checks that the cluster's owner still lives
 OWNER_POLL = 0.5
+#: seconds the daemon's start waits at most for the beacon's first answer (a refusal or a
+#: greeting takes a round trip; only a beacon that does not answer costs this wait)
+BEACON_ANSWER_WAIT = 2.0
 #: in the cluster's root: every wrapper of the root holds a shared flock on it
 WRAPPERS_LOCK = ".wrappers.lock"
 PREFIX = "toksearch-node:"
@@ -113,10 +118,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not owner_alive(*owner):
             _say(f"owner PID {owner[0]} is gone before the start on {host}")
             return 1
-    beacon_gone = threading.Event()  # the owner runs on another node: its beacon's connection closed
+    beacon: Optional[BeaconWatch] = None  # the owner runs on another node: watched through its beacon
     if owner is None and os.environ.get(BEACON_ENV) and parse_owner(os.environ.get(OWNER_ENV, "")):
-        threading.Thread(target=watch_beacon, args=(os.environ[BEACON_ENV], os.environ[OWNER_ENV], beacon_gone, _say),
-                         daemon=True, name="owner-beacon").start()
+        beacon = BeaconWatch(os.environ[BEACON_ENV], os.environ[OWNER_ENV], _say)
+
+    def owner_gone_now() -> bool:
+        """Asked after a stop: a signal (the job's end) may come before the owner's death is seen."""
+        if owner is not None:
+            return not owner_alive(*owner)
+        return beacon is not None and beacon.gone_at_teardown()
 
     try:
         ip = args.ip or (interface_address(args.interface) if args.interface else None)
@@ -140,6 +150,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     for d in (args.root, args.dir):
         make_private_dir(d)
     presence = _announce(args.root)
+    if beacon is not None and beacon.gone_before_start(BEACON_ANSWER_WAIT):
+        _cleanup(args, None, orphaned=True, presence=presence)  # the last wrapper of the root removes it
+        _say(f"owner {beacon.marker} is gone before the start on {host}: its beacon {beacon.beacon} refused "
+             "the connection on every address; started nothing, nothing left (if the owner still runs, a firewall "
+             "between the nodes rejects that port: site.owner_beacon=false turns the beacon off)")
+        return 1
     secret_file = env.pop(SECRET_FILE_ENV, None)
     secret = env.pop(SECRET_VALUE_ENV, None)
     wrote_secret = False
@@ -153,12 +169,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             lease = lease_ports(expand_ports(args.check_ports))  # held until this process exits
         except PortsLeased as exc:
             _say(f"ERROR: port {expand_ports(args.check_ports)[0]} is busy on {host}: {exc}")
-            _cleanup(args, secret_file if wrote_secret else None)
+            _cleanup(args, secret_file if wrote_secret else None, presence=presence)
             return EXIT_PORTS_BUSY
     busy = busy_ports(expand_ports(args.check_ports)) if args.check_ports else []
     if busy:
         _say(f"ERROR: port {busy[0]} is busy on {host} ({len(busy)} of the job's ports are taken)")
-        _cleanup(args, secret_file if wrote_secret else None)
+        _cleanup(args, secret_file if wrote_secret else None, presence=presence)
         return EXIT_PORTS_BUSY
 
     step = f"{os.environ.get('SLURM_JOB_ID', '-')}.{os.environ.get('SLURM_STEP_ID', '-')}"
@@ -166,13 +182,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if allocation:
         _say(f"from the allocation on {host}: {' '.join(allocation)}")
     if stop["signal"]:
-        _cleanup(args, secret_file if wrote_secret else None)
+        _cleanup(args, secret_file if wrote_secret else None, orphaned=owner_gone_now(), presence=presence)
+        _say(f"signal {stop['signal']} before the daemon's start on {host}: started nothing, nothing left")
         return 128 + stop["signal"]
     child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     owner_gone = False
     next_check = time.monotonic()
     while child.poll() is None and not stop["signal"]:
-        if beacon_gone.is_set():
+        if beacon is not None and beacon.gone.is_set():
             owner_gone = True
             break
         if owner is not None and (check_owner["now"] or time.monotonic() >= next_check):
@@ -187,15 +204,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if owner is not None:
             _say(f"owner PID {owner[0]} is gone: stopping session {child.pid}")
         else:
-            _say(f"owner {os.environ.get(OWNER_ENV)} is gone (its beacon closed): stopping session {child.pid}")
+            assert beacon is not None
+            _say(f"owner {os.environ.get(OWNER_ENV)} is gone ({beacon.how}): stopping session {child.pid}")
     elif rc is None:
         _say(f"signal {stop['signal']}: stopping session {child.pid}")
     elif not stop["signal"]:  # nobody asked: the daemon died while the job ran
         report_exit(args.dir, rc, os.path.basename(cmd[0]), host)
     # short grace: a Ray worker whose head is gone ignores SIGTERM for a minute
     remaining = terminate([Session(child)], markers=[args.dir], grace=args.grace, kill_wait=3.0)
-    # a signal (the job's end) may come before the owner's death is seen: ask again, after the stop
-    orphaned = owner_gone or beacon_gone.is_set() or (owner is not None and not owner_alive(*owner))
+    orphaned = owner_gone or owner_gone_now()
     _cleanup(args, secret_file if wrote_secret else None, orphaned=orphaned, presence=presence)
     if lease is not None:
         lease.release()  # only now: the daemon held these ports until its teardown

@@ -11,8 +11,10 @@ connection to the owner's *beacon* instead (:func:`owner_env`), a listener the
 owner opens once, on a port the kernel picks, that sends each caller the owner's
 marker and then keeps the connection open for the owner's life.  The kernel closes
 it when the owner dies, whatever killed it: EOF (or a reset) on a connection whose
-greeting named our owner is the owner's death, and nothing else is (a refused
-connect, a wrong greeting, a timeout: no watch, never a teardown).  The
+greeting named our owner is the owner's death; so is a connect refused on every
+address of the beacon (the owner opens it before it launches any step, so nothing
+listening there means the owner is gone).  Nothing else is (a timeout, an unreachable
+network, a wrong greeting: no watch, never a teardown).  The
 cluster's temp dir holds an owner file, so a later start can sweep the temp
 dirs of owners that are gone (only ours: our uid, our file, a dead owner).
 """
@@ -26,8 +28,9 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 #: Env var every child of a cluster carries: ``host:pid:create_time`` of its owner.
 OWNER_ENV = "TOKSEARCH_CLUSTER_OWNER"
@@ -133,11 +136,12 @@ _beacon: dict[int, str] = {}  # owner pid -> BEACON_ENV value (a forked child is
 _beacon_lock = threading.Lock()
 
 
-def owner_env() -> dict[str, str]:
+def owner_env(with_beacon: bool = True) -> dict[str, str]:
     """What every child of this owner's cluster on other nodes carries: the owner's marker and,
-    where a listener could be opened, its beacon's addresses (:data:`BEACON_ENV`)."""
+    unless turned off (``site.owner_beacon=false``) or where a listener could not be opened, its
+    beacon's addresses (:data:`BEACON_ENV`)."""
     env = {OWNER_ENV: this_owner()}
-    beacon = start_beacon()
+    beacon = start_beacon() if with_beacon else None
     if beacon:
         env[BEACON_ENV] = beacon
     return env
@@ -186,33 +190,117 @@ def _serve_beacon(listener: socket.socket, hello: bytes) -> None:
         held.append(conn)  # never closed by us: its close at our death is what the caller waits for
 
 
-def watch_beacon(beacon: str, marker: str, gone: threading.Event, say) -> None:
-    """A wrapper's thread: connect to the owner's beacon (the first address whose greeting is
-    ``marker``), then wait; EOF or a reset sets ``gone``.  Anything else: say why, no watch."""
-    for address in filter(None, beacon.split(",")):
+#: Verdicts of :func:`ask_beacon`.
+WATCHING, REFUSED, NO_WATCH = "watching", "refused", "no watch"
+#: Seconds a connect to one of the beacon's addresses may take, and its greeting after it.
+CONNECT_TIMEOUT, GREETING_TIMEOUT = 3.0, 5.0
+
+
+@dataclass
+class BeaconAnswer:
+    """What the owner's beacon said to one ask: the greeted connection (WATCHING), a refusal on
+    every address (REFUSED: nothing listens on the owner's port), or anything else (NO_WATCH)."""
+
+    verdict: str
+    address: str = ""
+    conn: Optional[socket.socket] = None
+
+
+def ask_beacon(beacon: str, marker: str, connect_timeout: float = CONNECT_TIMEOUT,
+               greeting_timeout: float = GREETING_TIMEOUT) -> BeaconAnswer:
+    """Connect to each of the beacon's addresses in turn: the first whose greeting is ``marker``
+    is WATCHING.  REFUSED only if every address answered ECONNREFUSED (the owner's host said no
+    one listens there; the owner opens its beacon before any step and holds it for its life, so
+    that means the owner is gone).  A timeout, an unreachable network, a wrong or missing
+    greeting, any other error: NO_WATCH, never a death."""
+    addresses = [a for a in beacon.split(",") if a]
+    refused = 0
+    for address in addresses:
         host, _, port = address.rpartition(":")
         try:
-            conn = socket.create_connection((host, int(port)), timeout=3)
-            conn.settimeout(5)
-            greeting = _read_line(conn)
+            conn = socket.create_connection((host, int(port)), timeout=connect_timeout)
+        except ConnectionRefusedError:
+            refused += 1
+            continue
         except (OSError, ValueError):
             continue
+        try:
+            conn.settimeout(greeting_timeout)
+            greeting = _read_line(conn)
+        except OSError:
+            greeting = None
         if greeting != marker:
             conn.close()
             continue
         conn.settimeout(None)
-        say(f"watching owner {marker} through its beacon {address}")
-        try:
-            while conn.recv(256):
-                pass
-        except ConnectionResetError:
-            pass
-        except OSError as exc:  # not a close by the owner's kernel: no conclusion
-            say(f"lost the owner's beacon {address} ({exc}): no watch")
-            return
-        gone.set()
+        return BeaconAnswer(WATCHING, address, conn)
+    return BeaconAnswer(REFUSED if addresses and refused == len(addresses) else NO_WATCH)
+
+
+def watch_beacon(beacon: str, marker: str, gone: threading.Event, say,
+                 answered: Optional[Callable[[BeaconAnswer], None]] = None) -> None:
+    """A wrapper's thread: ask the owner's beacon (:func:`ask_beacon`), hand the answer to
+    ``answered``, then, if greeted, wait; EOF or a reset sets ``gone``, so does a refusal on
+    every address (said by the wrapper).  Anything else: say why, no watch."""
+    answer = ask_beacon(beacon, marker)
+    if answer.verdict == REFUSED:
+        gone.set()  # the wrapper says it, with what it does about it (one line)
+    elif answer.verdict == WATCHING:
+        say(f"watching owner {marker} through its beacon {answer.address}")
+    else:
+        say(f"cannot reach the owner's beacon ({beacon}): this node's daemons end with the job")
+    if answered is not None:
+        answered(answer)
+    conn = answer.conn
+    if conn is None:
         return
-    say(f"cannot reach the owner's beacon ({beacon}): this node's daemons end with the job")
+    try:
+        while conn.recv(256):
+            pass
+    except ConnectionResetError:
+        pass
+    except OSError as exc:  # not a close by the owner's kernel: no conclusion
+        say(f"lost the owner's beacon {answer.address} ({exc}): no watch")
+        return
+    gone.set()
+
+
+class BeaconWatch:
+    """A step wrapper's watch of its owner on another node: :func:`watch_beacon` in a thread,
+    its first answer kept for the wrapper's two questions (before the start, at teardown)."""
+
+    def __init__(self, beacon: str, marker: str, say) -> None:
+        self.beacon, self.marker = beacon, marker
+        self.gone = threading.Event()
+        self.answered = threading.Event()
+        self.answer: Optional[BeaconAnswer] = None
+        threading.Thread(target=watch_beacon, args=(beacon, marker, self.gone, say, self._keep),
+                         daemon=True, name="owner-beacon").start()
+
+    def _keep(self, answer: BeaconAnswer) -> None:
+        self.answer = answer
+        self.answered.set()
+
+    @property
+    def how(self) -> str:
+        """How the owner's death was seen (for the wrapper's line)."""
+        refused = self.answer is not None and self.answer.verdict == REFUSED
+        return "its beacon refused every address" if refused else "its beacon closed"
+
+    def gone_before_start(self, wait: float) -> bool:
+        """Wait up to ``wait`` s for the first answer: True if the beacon refused on every address."""
+        self.answered.wait(wait)
+        return self.gone.is_set()
+
+    def gone_at_teardown(self, timeout: float = 0.5) -> bool:
+        """Asked once the daemon is stopped (a signal may come before the death is seen): its
+        connection closed, or, never watched (NO_WATCH), the beacon now refuses on every address.
+        Short timeouts: Slurm's SIGKILL follows its SIGTERM after KillWait."""
+        if self.gone.is_set():
+            return True
+        if self.answer is None or self.answer.verdict != NO_WATCH:
+            return False
+        return ask_beacon(self.beacon, self.marker, timeout, timeout).verdict == REFUSED
 
 
 def _read_line(conn: socket.socket, limit: int = 512) -> str:
