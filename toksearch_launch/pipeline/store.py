@@ -190,42 +190,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _syncfs() -> Optional[Callable[[int], int]]:
-    """libc's ``syncfs`` (Linux): one journal commit for every file written on that file system."""
-    try:
-        import ctypes
-
-        func = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int]
-    return func
-
-
-_SYNCFS = [False, None]  # looked up, function
-
-
 def sync_files(directory: Path, paths: Sequence[Path]) -> None:
     """Make the files ``paths`` of ``directory`` and their names durable (a machine crash keeps them).
 
-    One ``syncfs`` of the file system where Linux has it (measured: about the cost of
-    one or two fsyncs for 20 files, against 20-40 fsyncs file by file), else an
-    fsync of each file; then one fsync of the directory.
+    An fdatasync of each file, then one fsync of the directory (for all their names).
+    Not ``syncfs``: it would also write out every other process's data on the same
+    file system (on a shared node or file system, other jobs' gigabytes), and a process
+    (a thread) blocked in it cannot be killed, so a scancel could outlast Slurm's
+    UnkillableStepTimeout and drain the node (a job of the syncfs variant did, once, on
+    the test cluster under other sessions' heavy writes; docs/durability.md).
     """
-    if not _SYNCFS[0]:
-        _SYNCFS[:] = [True, _syncfs()]
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        if _SYNCFS[1] is None or _SYNCFS[1](fd) != 0:
-            for path in paths:
-                try:
-                    with open(path, "rb+") as f:
-                        os.fsync(f.fileno())
-                except FileNotFoundError:
-                    pass
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(directory)
 
 
 def remove_stale_temps(directory: Path) -> int:
