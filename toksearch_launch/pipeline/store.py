@@ -175,7 +175,7 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     appears only once the data is complete, so a killed process (whose written
     pages the kernel keeps) leaves a whole file or none. ``sync``: fsync the file
     before it gets its name and the directory after, which a machine crash needs;
-    the store's writer instead syncs many files at once (:func:`sync_files`), and
+    the store's writer instead syncs its files in groups (:func:`sync_files`), and
     its files carry a checksum that catches what a crash before that sync leaves.
     """
     if not _link_tmpfile(path, data, sync):
@@ -296,16 +296,14 @@ def decode_body(body: bytes) -> Tuple[List[Record], RunStats]:
 
 
 def encode_partition(fp: str, positions: Sequence[int], shots: Sequence[int], records: Sequence[Record],
-                     stats: RunStats, total: int = 0, body: Optional[bytes] = None) -> bytes:
+                     stats: RunStats, total: int, body: bytes) -> bytes:
     """Two pickles in one file: a small header (read alone by ``--status``), then the records
-    (``body``: :func:`encode_body`'s bytes if a worker made them, else made here).
+    (``body``: :func:`encode_body`'s bytes, made by a worker or by :meth:`ResultStore.add`).
 
     The header carries the body's length and CRC-32, so a file that a machine crash
     cut short or left unwritten (it had its name, its data was not yet synced) is
     recognised and computed again, never read as results (:func:`check_partition`).
     """
-    if body is None:
-        body = encode_body(records, shots, stats)
     header = {
         "format": FORMAT,
         "fingerprint": fp,
@@ -387,8 +385,9 @@ class _Writer:
     files or none, and the kernel keeps their pages. The sync that a machine crash
     needs is one :func:`sync_files` for every partition written since the last one,
     at most :data:`SYNC_S` seconds after the first of them, and in ``flush``: one
-    sync for many files, where a fsync per file and per directory (7 ms each on a VM
-    disk) cost more than the 5% a store may take. ``flush`` waits for every
+    directory fsync for the group instead of one per file, and none of it on the
+    driver's path (a fsync per file and per directory, 7 ms each on a VM disk, cost
+    more than the 5% a store may take there). ``flush`` waits for every
     handed-over file to be written and synced (before a manifest, and before
     compute_* returns the records to the caller, who may change them).
     """
@@ -573,10 +572,7 @@ def write_atomic_replace(path: Path, data: bytes) -> None:
     or the new file whole. No fsync: the manifest is a summary (the partition files are the
     truth, and carry the fingerprint and the total themselves), and two fsyncs per manifest would be
     most of the store's cost on a short run."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
+    _rename_into_place(path, data, sync=False)
 
 
 _compute_count = [0]
