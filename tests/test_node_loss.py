@@ -11,7 +11,7 @@ from typing import Dict, List
 import pytest
 
 from toksearch_launch.pipeline.driver import in_flight
-from toksearch_launch.pipeline.node_loss import NodeWatch, lost_node_line, node_name, unique_names
+from toksearch_launch.pipeline.node_loss import NodeWatch, lost_node_line, node_name, spark_live_nodes, unique_names
 
 
 class Engine:
@@ -226,3 +226,50 @@ def test_a_failed_run_says_what_was_seen_without_another_look():
                 raise RuntimeError("the head is gone")
     assert engine.looks == looks  # no look at the end: a dead engine could hang it
     assert engine.lines == [lost_node_line("tsn2", "ray", 0)]
+
+
+class SparkExecutors:
+    """Stands in for ``sc`` where spark_live_nodes reads it: ``sc._jsc.sc().statusTracker().getExecutorInfos()``."""
+
+    class Info:
+        def __init__(self, host: str, port: int) -> None:
+            self._host, self._port = host, port
+
+        def host(self) -> str:
+            return self._host
+
+        def port(self) -> int:
+            return self._port
+
+    def __init__(self, *executors) -> None:
+        self.executors = list(executors)
+        self._jsc = self
+
+    def sc(self):
+        return self
+
+    def statusTracker(self):
+        return self
+
+    def getExecutorInfos(self):
+        return [self.Info(host, port) for host, port in self.executors]
+
+
+def test_a_spark_executor_getting_its_block_manager_port_is_no_lost_node():
+    # tsn3's block manager not registered yet: port 0, as measured on the test cluster (-1: no port at all)
+    sc = SparkExecutors(("tsn1", 40001), ("tsn2", 40002), ("tsn3", 0), ("tsn4", -1))
+    assert spark_live_nodes(sc) == {"tsn1:40001": "tsn1", "tsn2:40002": "tsn2"}
+    del sc.executors[3]
+    lines: List[str] = []
+    now = [0.0]
+    watch = NodeWatch("spark", lambda: spark_live_nodes(sc), say=lines.append, clock=lambda: now[0], poll_s=1.0)
+    sc.executors[2] = ("tsn3", 40003)  # it registers: a new key, and no key leaves
+    now[0] = 1.0
+    watch.check({0})
+    watch.finished(0, 0)
+    assert lines == [] and watch.known == {"tsn1:40001": "tsn1", "tsn2:40002": "tsn2", "tsn3:40003": "tsn3"}
+    del sc.executors[1]  # tsn2 lost: it is said, with its partition in flight rerun
+    now[0] = 2.0
+    watch.check({1})
+    watch.finished(1, 1)
+    assert lines == [lost_node_line("tsn2", "spark", 1)]

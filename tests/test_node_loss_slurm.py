@@ -119,7 +119,8 @@ def test_a_worker_node_lost_mid_run_is_named_and_the_results_are_complete(tmp_pa
         assert java == [], "\n".join(java[:20])
     lost = [line for line in text.splitlines() if "lost node" in line]
     print("\n".join(lost))
-    [line] = lost  # one line for the one lost node
+    assert len(lost) == 1, text  # one line for the one lost node
+    [line] = lost
     said_reruns = int(re.fullmatch(rf"toksearch_launch: lost node {victim} \({backend}\) during compute_{backend}; "
                                    r"(\d+) partitions? rerun on the remaining nodes", line).group(1))
     # The job's own count: partitions with a record started twice. The engine's count can be

@@ -226,9 +226,15 @@ def ray_attempt() -> Optional[int]:
 
 def spark_live_nodes(sc: Any) -> Dict[str, str]:
     """host:port -> name of every Spark executor's block manager (the driver's included; it is
-    never lost while the run goes on)."""
+    never lost while the run goes on).
+
+    An executor whose block manager has not registered yet is listed by Spark with port 0
+    (measured on the test cluster; -1 where Spark has no port at all) and, a moment later,
+    with its block manager's host:port. It is left out until it has its port: its first key
+    would otherwise leave the list and read as a lost node (seen in CI: "lost node tsn3 ...
+    0 partitions rerun", and no node was lost)."""
     infos = sc._jsc.sc().statusTracker().getExecutorInfos()
-    return {f"{i.host()}:{i.port()}": node_name(str(i.host())) for i in infos}
+    return {f"{i.host()}:{i.port()}": node_name(str(i.host())) for i in infos if int(i.port()) > 0}
 
 
 def spark_attempt() -> Optional[int]:
