@@ -281,6 +281,26 @@ def test_interactive_job_warns_itself_grace_before_its_end():
     assert stopping.self_warning_delay(0.0, 100.0, 0.0, 0.0) is None  # site.stop_grace=0: off
 
 
+def test_status_counts_a_partition_cut_short_as_damaged_not_stored(tmp_path):
+    """--status reads only headers: a file cut short (or emptied) by a machine crash is named
+    as damaged, its records are not counted as stored, and the run is not finished."""
+    from toksearch_launch.resume import status_lines, summarize_store
+
+    store = tmp_path / "run" / "results" / "compute-1"
+    make_pipeline(120, 0.0).compute_serial(store=store)
+    parts = part_files(store)
+    short, empty = parts[0], parts[4]
+    lost = len(read_header(short)["positions"]) + len(read_header(empty)["positions"])
+    short.write_bytes(short.read_bytes()[:-10])
+    empty.write_bytes(b"")
+    summary = summarize_store(store)
+    assert (summary.stored, summary.total, summary.damaged, summary.partitions) == (120 - lost, 120, 2, len(parts) - 2)
+    text = "\n".join(status_lines(tmp_path / "run"))
+    assert f"compute-1: {120 - lost}/120 records stored" in text, text
+    assert "compute-1: 2 damaged partition files (cut short by a machine crash) not counted" in text, text
+    assert "not finished: resume with" in text, text
+
+
 # --------------------------------------------------------------------------- CLI: --status, --resume (site=local)
 
 

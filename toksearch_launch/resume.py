@@ -166,6 +166,8 @@ class StoreSummary:
     where_errors: int
     state: str
     partitions: int
+    #: partition files cut short by a machine crash: not counted; a resume computes their records again
+    damaged: int = 0
 
     @property
     def complete(self) -> bool:
@@ -176,15 +178,26 @@ def summarize_store(path: Path) -> StoreSummary:
     """Counts from the partition files themselves (a SIGKILL leaves the manifest behind them).
 
     Only each file's first pickle (a header of plain ints and strings) is read, so
-    this needs neither numpy nor the pipeline modules (the CLI stays light)."""
+    this needs neither numpy nor the pipeline modules (the CLI stays light). A file
+    whose header is unreadable, or whose size is not the header's and its body's, was
+    cut short by a machine crash: it is counted as damaged, not as stored (the CRC of
+    its records is left to load_results and to the resume, which read them anyway)."""
     import pickle
 
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
-    stored = errors = where = parts = 0
+    stored = errors = where = parts = damaged = 0
     total_from_parts = 0
     for part in sorted(path.glob("part-*.pkl")):
-        with open(part, "rb") as f:
-            header = pickle.load(f)
+        try:
+            with open(part, "rb") as f:
+                header = pickle.load(f)
+                whole = isinstance(header, dict) and "positions" in header and (
+                    header.get("body_bytes") is None or os.fstat(f.fileno()).st_size == f.tell() + header["body_bytes"])
+        except Exception:  # unreadable for any reason: cut short
+            whole = False
+        if not whole:
+            damaged += 1
+            continue
         total_from_parts = header.get("total_records", 0) or total_from_parts
         stored += len(header["positions"])
         errors += header["records_with_errors"]
@@ -194,7 +207,7 @@ def summarize_store(path: Path) -> StoreSummary:
     state = manifest.get("state", "unknown")
     if state == "running" and stored >= total:
         state = "complete"
-    return StoreSummary(path.name, total, stored, errors, where, state, parts)
+    return StoreSummary(path.name, total, stored, errors, where, state, parts, damaged)
 
 
 def summaries(run_dir: Path) -> List[StoreSummary]:
@@ -265,6 +278,9 @@ def status_lines(run_dir: Path) -> List[str]:
     for s in stores:
         lines.append(f"{s.name}: {s.stored}/{s.total} records stored ({s.partitions} partitions), "
                      f"{s.records_with_errors} with errors, {s.where_errors} dropped by a raising where(); {s.state}")
+        if s.damaged:
+            lines.append(f"{s.name}: {s.damaged} damaged partition file{'s' if s.damaged > 1 else ''} (cut short by a "
+                         "machine crash) not counted; a resume computes their records again")
     last = next((e for e in reversed(events) if e.get("event") in ("stopped", "requeued", "resubmitted", "refused")), None)
     if last:
         detail = last.get("reason") or last.get("message") or ""
