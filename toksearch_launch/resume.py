@@ -177,25 +177,21 @@ class StoreSummary:
 def summarize_store(path: Path) -> StoreSummary:
     """Counts from the partition files themselves (a SIGKILL leaves the manifest behind them).
 
-    Only each file's first pickle (a header of plain ints and strings) is read, so
-    this needs neither numpy nor the pipeline modules (the CLI stays light). A file
-    whose header is unreadable, or whose size is not the header's and its body's, was
-    cut short by a machine crash: it is counted as damaged, not as stored (the CRC of
-    its records is left to load_results and to the resume, which read them anyway)."""
-    import pickle
+    Only each file's first pickle (a header of plain ints and strings) is read, by the
+    store's own :func:`check_partition` (the store module imports no numpy: the CLI
+    stays light). A file whose header is unreadable, or whose size is not the header's
+    and its body's, was cut short by a machine crash: it is counted as damaged, not as
+    stored (the CRC of its records is left to load_results and to the resume, which
+    read them anyway)."""
+    from toksearch_launch.pipeline.store import DamagedPartition, check_partition, part_files
 
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
     stored = errors = where = parts = damaged = 0
     total_from_parts = 0
-    for part in sorted(path.glob("part-*.pkl")):
+    for part in part_files(path):
         try:
-            with open(part, "rb") as f:
-                header = pickle.load(f)
-                whole = isinstance(header, dict) and "positions" in header and (
-                    header.get("body_bytes") is None or os.fstat(f.fileno()).st_size == f.tell() + header["body_bytes"])
-        except Exception:  # unreadable for any reason: cut short
-            whole = False
-        if not whole:
+            header = check_partition(part)
+        except (DamagedPartition, OSError):
             damaged += 1
             continue
         total_from_parts = header.get("total_records", 0) or total_from_parts
