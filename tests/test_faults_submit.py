@@ -79,6 +79,13 @@ def children_of(pid: int) -> list[int]:
     return [c.pid for c in psutil.Process(pid).children()]
 
 
+def only_child(pid: int) -> int:
+    """The launcher's one child (salloc or the script), once the watchdog's short-lived
+    intermediate fork has exited (it can still be there as the child's first line arrives)."""
+    return wait_for(lambda: (kids := children_of(pid)) and len(kids) == 1 and kids[0], 10, 0.02,
+                    f"process {pid} to have one child")
+
+
 def job_state(job_id: str) -> str:
     """scontrol's JobState ("" once scontrol forgot the job)."""
     return job_field(job_id, "JobState")
@@ -97,7 +104,7 @@ def test_slurm_sigkill_of_the_launcher_while_its_job_pends_cancels_it(tmp_path):
     launched = Launched([*TEST_SITE, "interactive.salloc_extra=[--begin=now+600]", "hostname"], tmp_path)
     try:
         job_id = launched.wait_line(r"salloc: Pending job allocation (\d+)", 60).group(1)
-        [salloc] = children_of(launched.proc.pid)
+        salloc = only_child(launched.proc.pid)
         with time_to_clean("slurm, SIGKILL of toksearch_submit while its job pends"):
             launched.kill()
             wait_for(lambda: job_state(job_id) in ("CANCELLED", "") and not pid_alive(salloc), 30, 0.1,
@@ -121,7 +128,7 @@ def test_slurm_sigkill_of_the_launcher_during_a_run_ends_the_allocation_and_its_
         job_id = info["job"]
         before = slurm_job_processes([job_id])
         assert len(before) == 2, before  # the script's node and the worker's
-        [salloc] = children_of(launched.proc.pid)
+        salloc = only_child(launched.proc.pid)
         with time_to_clean("slurm, SIGKILL of toksearch_submit during a run (2-node dask)"):
             launched.kill()
             wait_for(lambda: job_state(job_id) in ("CANCELLED", "COMPLETED", "FAILED", "")
@@ -142,7 +149,7 @@ def script_and_its_cluster(launched: "Launched", line: str) -> tuple[dict, set[i
 
     info = json.loads(launched.wait_line(line, 600).group(1))
     script = info["pid"]
-    assert children_of(launched.proc.pid) == [script]
+    assert only_child(launched.proc.pid) == script
     pids = run_of(script) | {script}
     assert len(pids) > 2, pids  # wrappers and daemons of both nodes
     sids = {os.getsid(p) for p in pids if pid_alive(p)} - {os.getsid(0)}
@@ -206,15 +213,15 @@ def test_a_killed_launchers_script_that_ignores_sigterm_is_killed_after_the_grac
     """run_foreground as the launcher runs a site=local script, the launcher stand-in SIGKILLed:
     the script gets SIGTERM (its death signal), ignores it, and the watchdog SIGKILLs it after
     the grace (1 s here). The watchdog is not the launcher's child: the script stays its only one."""
-    launcher = ("import sys; from toksearch_launch.run import run_foreground; "
-                "sys.exit(run_foreground(sys.argv[1:], {}, kill_grace=1.0)[0])")
+    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
+                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(1.0, None, True))[0])")
     become_subreaper(True)
     launched = None
     try:
         launched = Launched([sys.executable, "-c", IGNORES_SIGTERM, "none"], tmp_path,
                             program=[sys.executable, "-c", launcher])
         script = json.loads(launched.wait_line(r"^IGNORING (.*)", 60).group(1))["pid"]
-        assert children_of(launched.proc.pid) == [script]
+        assert only_child(launched.proc.pid) == script
         with time_to_clean("SIGKILL of a run_foreground launcher, its script ignoring SIGTERM (grace 1 s)"):
             launched.kill()
             status = reap(script, 30)
@@ -226,11 +233,50 @@ def test_a_killed_launchers_script_that_ignores_sigterm_is_killed_after_the_grac
             launched.kill()
 
 
+MISSES_FIRST_SIGTERM = r"""
+import os, signal, sys, time
+seen = []
+def on_term(*_):
+    seen.append(time.monotonic())
+    print(f"SIGTERM {len(seen)}", flush=True)
+    if len(seen) == 2:
+        sys.exit(7)
+signal.signal(signal.SIGTERM, on_term)
+print(f"WAITING {os.getpid()}", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_killed_launchers_salloc_that_missed_its_death_signal_gets_it_again(tmp_path):
+    """run_foreground as the launcher runs salloc, with SLURM's policy (repeat the death signal,
+    never SIGKILL), a stand-in that acts as a salloc that missed its first SIGTERM (measured: 4
+    in 100 salloc signalled as they print "Pending job allocation" wait on for the job): the
+    launcher SIGKILLed, the stand-in gets SIGTERM again and exits by itself (code 7), not by SIGKILL."""
+    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
+                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(20.0, 0.2, False))[0])")
+    become_subreaper(True)
+    launched = None
+    try:
+        launched = Launched([sys.executable, "-c", MISSES_FIRST_SIGTERM], tmp_path,
+                            program=[sys.executable, "-c", launcher])
+        salloc = int(launched.wait_line(r"^WAITING (\d+)$", 60).group(1))
+        with time_to_clean("SIGKILL of a run_foreground launcher, its salloc stand-in missing the first SIGTERM"):
+            launched.kill()
+            status = reap(salloc, 30)
+        launched.wait_line(r"^SIGTERM 2$", 5)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, status
+    finally:
+        become_subreaper(False)
+        if launched is not None:
+            launched.kill()
+
+
 @pytest.mark.cluster
 def test_local_sigkill_of_the_launcher_kills_its_script_that_ignores_sigterm_and_its_cluster(tmp_path):
     """toksearch_submit site=local nodes=2 backend=dask, its script ignoring SIGTERM (before: the
     script and its cluster outlived the SIGKILLed launcher): SIGTERM, then SIGKILL after
-    run.LOCAL_KILL_GRACE; the owner watch then stops the cluster; nothing left."""
+    run.LOCAL_AFTER_LAUNCHER.grace; the owner watch then stops the cluster; nothing left."""
     from test_faults_cluster import alive
 
     script_file = tmp_path / "ignores_sigterm.py"

@@ -210,23 +210,42 @@ def dies_with_launcher(sig: int = LAUNCHER_DEATH_SIGNAL) -> Optional[Callable[[]
     return arm
 
 
-#: Seconds a site=local script has, once the launcher died and its death signal (SIGTERM) came,
-#: before the watchdog SIGKILLs it: room for its SIGTERM hook to stop its cluster (at most about
-#: 10 s); what a cluster's stop leaves undone its step wrappers' owner watch finishes.
-LOCAL_KILL_GRACE = 10.0
+class AfterLauncher(NamedTuple):
+    """What the watchdog does with the launcher's child once the launcher died and the child
+    still runs (it got :data:`LAUNCHER_DEATH_SIGNAL` from the kernel at that instant)."""
+
+    #: Seconds the child has to exit, from the launcher's death.
+    grace: float
+    #: Seconds between repeats of the death signal within the grace; None: no repeats.
+    resend_every: Optional[float]
+    #: SIGKILL the child once the grace is over.
+    kill: bool
 
 
-def kill_after_launcher(proc: subprocess.Popen, grace: float = LOCAL_KILL_GRACE) -> Optional[int]:
-    """Start a watchdog that SIGKILLs ``proc`` ``grace`` seconds after this process dies (whatever
+#: site=local: the script has 10 s for its SIGTERM hook to stop its cluster (at most about
+#: 10 s), then SIGKILL; what a cluster's stop leaves undone its step wrappers' owner watch finishes.
+LOCAL_AFTER_LAUNCHER = AfterLauncher(grace=10.0, resend_every=None, kill=True)
+
+#: SLURM: salloc must rescind its own allocation, so it gets the death signal again each second
+#: for a minute and is never SIGKILLed (a SIGKILLed salloc leaves its job pending or running).
+#: The repeats are needed: a salloc signalled just as it printed "Pending job allocation N" may
+#: miss it and wait on for the job (measured under load: 4 in 100 did, each ended by a second
+#: SIGTERM; Slurm 22.05).
+SLURM_AFTER_LAUNCHER = AfterLauncher(grace=60.0, resend_every=1.0, kill=False)
+
+
+def watch_after_launcher(proc: subprocess.Popen, policy: AfterLauncher) -> Optional[int]:
+    """Start a watchdog that carries out ``policy`` on ``proc`` once this process dies (whatever
     killed it), unless ``proc`` has exited by then; returns the fd whose close tells the watchdog
     that we are gone (close it once ``proc`` is reaped), None where Linux's pidfds are missing.
 
-    The death signal alone (:func:`dies_with_launcher`) ends a script that ignores SIGTERM
-    never, and a SIGKILLed launcher can send nothing more. The watchdog is a grandchild in its
+    The death signal alone (:func:`dies_with_launcher`) is sent once: a script that ignores
+    SIGTERM never ends, a salloc that missed it waits on, and a SIGKILLed launcher can send
+    nothing more. The watchdog is a grandchild in its
     own session (no terminal signal reaches it, it is nobody's foreground job and not our
     child), holding only two fds: the read end of a pipe whose write end only we hold (EOF at
     our death, never before), and a pidfd of ``proc`` (a PID reused after ``proc`` is reaped is
-    never signalled). The script stays our direct child, so its stdin/stdout/stderr, signals,
+    never signalled). The child stays our direct child, so its stdin/stdout/stderr, signals,
     exit code and timing are untouched; the watchdog is a fork, no new interpreter."""
     try:
         pidfd = os.pidfd_open(proc.pid)  # before our wait(): the PID is proc's until we reap it
@@ -235,7 +254,7 @@ def kill_after_launcher(proc: subprocess.Popen, grace: float = LOCAL_KILL_GRACE)
     gone_r, gone_w = os.pipe()
     try:
         middle = os.fork()
-    except OSError:  # no process to spare: the script runs as before, with its death signal only
+    except OSError:  # no process to spare: the child runs as before, with its death signal only
         for fd in (gone_r, gone_w, pidfd):
             os.close(fd)
         return None
@@ -243,7 +262,7 @@ def kill_after_launcher(proc: subprocess.Popen, grace: float = LOCAL_KILL_GRACE)
         try:
             os.setsid()
             if os.fork() == 0:
-                _watchdog(gone_r, pidfd, grace)
+                _watchdog(gone_r, pidfd, policy)
         finally:
             os._exit(0)
     os.close(gone_r)
@@ -252,7 +271,7 @@ def kill_after_launcher(proc: subprocess.Popen, grace: float = LOCAL_KILL_GRACE)
     return gone_w
 
 
-def _watchdog(gone_fd: int, pidfd: int, grace: float) -> None:
+def _watchdog(gone_fd: int, pidfd: int, policy: AfterLauncher) -> None:
     """The watchdog's life (a forked copy of the launcher; only os calls, never returns)."""
     import select
 
@@ -274,19 +293,26 @@ def _watchdog(gone_fd: int, pidfd: int, grace: float) -> None:
                 break
             except InterruptedError:
                 continue
-        if pidfd not in ready:  # the launcher is gone and the script runs: its grace, then SIGKILL
-            if not select.select([pidfd], [], [], grace)[0]:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if pidfd in ready:  # the child exited first: nothing to do
+            os._exit(0)
+        deadline = time.monotonic() + policy.grace  # the launcher is gone and the child runs
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([pidfd], [], [], min(left, policy.resend_every or left))[0]:
+                os._exit(0)
+            if policy.resend_every is not None and deadline > time.monotonic():
+                signal.pidfd_send_signal(pidfd, LAUNCHER_DEATH_SIGNAL)
+        if policy.kill:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except BaseException:  # noqa: BLE001 -- a watchdog never raises into a copy of the launcher
         pass
     os._exit(0)
 
 
 def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False,
-                   kill_grace: Optional[float] = None) -> tuple[int, "_StderrWatch | None"]:
+                   after_launcher: Optional[AfterLauncher] = None) -> tuple[int, "_StderrWatch | None"]:
     """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward,
-    and it gets SIGTERM if we die (:func:`dies_with_launcher`), then SIGKILL ``kill_grace``
-    seconds later if it is still there (:func:`kill_after_launcher`; None: never).
+    and it gets SIGTERM if we die (:func:`dies_with_launcher`), then what ``after_launcher``
+    says if it is still there (:func:`watch_after_launcher`; None: nothing more).
 
     Returns (exit code, the stderr watch when ``watch_stderr``: salloc's X11 failure, a job that can never start).
     """
@@ -298,7 +324,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = Fa
         raise LaunchError(f"{argv[0]}: command not found") from None
     except PermissionError:
         raise LaunchError(f"{argv[0]}: permission denied") from None
-    watchdog = kill_after_launcher(proc, kill_grace) if kill_grace is not None and arm is not None else None
+    watchdog = watch_after_launcher(proc, after_launcher) if after_launcher is not None and arm is not None else None
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
@@ -328,9 +354,9 @@ def run_interactive(plan: Plan) -> int:
     The caller has checked, before writing anything, that salloc (:func:`require_program`)
     or, on site=local, COMMAND (:func:`require_command`) is there."""
     print(f"toksearch_submit: {display(plan.argv)}", file=sys.stderr, flush=True)
-    local = plan.scheduler == "local"  # on SLURM salloc is the child: Slurm escalates (KillWait)
-    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=plan.scheduler == "slurm",
-                                 kill_grace=LOCAL_KILL_GRACE if local else None)
+    slurm = plan.scheduler == "slurm"  # salloc is the child: Slurm ends the steps (KillWait)
+    code, watch = run_foreground(plan.argv, _child_env(plan), watch_stderr=slurm,
+                                 after_launcher=SLURM_AFTER_LAUNCHER if slurm else LOCAL_AFTER_LAUNCHER)
     if code != 0 and watch and watch.never_started:
         raise LaunchError(watch.never_started, exit_code=code)
     if code != 0 and watch and watch.x11_failed and plan.x11_fix is not None:
