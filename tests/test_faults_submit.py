@@ -272,6 +272,24 @@ def test_a_killed_launchers_salloc_that_missed_its_death_signal_gets_it_again(tm
             launched.kill()
 
 
+def test_a_sigterm_forwarded_to_a_salloc_that_missed_it_is_forwarded_again(tmp_path):
+    """SIGTERM to the launcher (alive) with SLURM's policy: it forwards the signal to its
+    salloc stand-in, which misses the first, and forwards it again until the stand-in exits;
+    the launcher exits with the stand-in's code (7)."""
+    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
+                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(20.0, 0.2, False))[0])")
+    launched = Launched([sys.executable, "-c", MISSES_FIRST_SIGTERM], tmp_path, program=[sys.executable, "-c", launcher])
+    try:
+        salloc = int(launched.wait_line(r"^WAITING (\d+)$", 60).group(1))
+        assert only_child(launched.proc.pid) == salloc
+        launched.proc.send_signal(signal.SIGTERM)
+        assert launched.proc.wait(30) == 7
+        launched.wait_line(r"^SIGTERM 2$", 5)
+        assert not pid_alive(salloc)
+    finally:
+        launched.kill()
+
+
 @pytest.mark.cluster
 def test_local_sigkill_of_the_launcher_kills_its_script_that_ignores_sigterm_and_its_cluster(tmp_path):
     """toksearch_submit site=local nodes=2 backend=dask, its script ignoring SIGTERM (before: the

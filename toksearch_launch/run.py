@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +231,7 @@ LOCAL_AFTER_LAUNCHER = AfterLauncher(grace=10.0, resend_every=None, kill=True)
 #: for a minute and is never SIGKILLed (a SIGKILLed salloc leaves its job pending or running).
 #: The repeats are needed: a salloc signalled just as it printed "Pending job allocation N" may
 #: miss it and wait on for the job (measured under load: 4 in 100 did, each ended by a second
-#: SIGTERM; Slurm 22.05).
+#: SIGTERM; Slurm 22.05). A SIGTERM or SIGHUP we forward to salloc is repeated the same way.
 SLURM_AFTER_LAUNCHER = AfterLauncher(grace=60.0, resend_every=1.0, kill=False)
 
 
@@ -310,7 +311,8 @@ def _watchdog(gone_fd: int, pidfd: int, policy: AfterLauncher) -> None:
 
 def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = False,
                    after_launcher: Optional[AfterLauncher] = None) -> tuple[int, "_StderrWatch | None"]:
-    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM we forward,
+    """Run a command in our terminal; SIGINT reaches it through the terminal, SIGTERM and SIGHUP
+    we forward (again every ``after_launcher.resend_every`` seconds until it exits, if set),
     and it gets SIGTERM if we die (:func:`dies_with_launcher`), then what ``after_launcher``
     says if it is still there (:func:`watch_after_launcher`; None: nothing more).
 
@@ -325,10 +327,21 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = Fa
     except PermissionError:
         raise LaunchError(f"{argv[0]}: permission denied") from None
     watchdog = watch_after_launcher(proc, after_launcher) if after_launcher is not None and arm is not None else None
+    reaped = threading.Event()
+    repeating: List[threading.Thread] = []
+
+    def repeat(signum: int, policy: AfterLauncher) -> None:
+        """The forwarded signal again, as the watchdog would send it after our death."""
+        deadline = time.monotonic() + policy.grace
+        while not reaped.wait(policy.resend_every) and time.monotonic() < deadline:
+            proc.send_signal(signum)  # nothing once proc is reaped
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
+            if after_launcher is not None and after_launcher.resend_every and not repeating:
+                repeating.append(threading.Thread(target=repeat, args=(signum, after_launcher), daemon=True))
+                repeating[0].start()
 
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),  # the terminal delivers it to the child too
@@ -339,6 +352,7 @@ def run_foreground(argv: List[str], env: Dict[str, str], watch_stderr: bool = Fa
     try:
         code = exit_status(proc.wait())
     finally:
+        reaped.set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if watchdog is not None:
