@@ -7,7 +7,9 @@ Sections (each prints a markdown table):
    ``@ray.remote`` function over the same shot chunks building the same dicts),
    alternated ``--ray-repeat`` times, 3 runs each, with the CPU per run of the driver
    and every Ray process (load-proof, unlike wall time); optionally vs one record per
-   partition (TokSearch's default). Goal: >= 0.9x the hand-written program.
+   partition (TokSearch's default). Goal: >= 0.9x the hand-written program. On the trivial
+   map a third contender, the same hand-written program with Records (built in the task,
+   sent as plain dicts, rebuilt on the driver), shows how near any Record-based code can come.
 2. Spark: the same with ``compute_spark()`` and PySpark.
 3. ``compute_multiprocessing()`` vs ``compute_serial()``.
 4. Synthetic signal with 5 ms latency per fetch: throughput against node count on
@@ -70,6 +72,27 @@ def hand_trivial(shots: Sequence[int]) -> List[dict]:
         trivial(rec)
         out.append(rec)
     return out
+
+
+def hand_trivial_records(shots: Sequence[int]) -> List[dict]:
+    """The least any Record-based program does with Ray's msgpack wire: a Record per shot
+    (built the cheapest way measured), the same map on it, and a plain dict per record to send
+    (the driver rebuilds the Records: :func:`floor_ray`). Its ratio to the hand-written dicts is
+    the ceiling for ``compute_ray()`` with TokSearch-compatible Records (issue 12, item 6)."""
+    from toksearch_launch.pipeline.record import Record
+
+    new, update = dict.__new__, dict.update
+    out = []
+    for s in shots:
+        rec = new(Record)
+        update(rec, shot=s, errors={})
+        trivial(rec)
+        out.append(rec)
+    return list(map(dict, out))
+
+
+#: workload -> its Record-based hand-written task, where one is measured
+RECORD_FLOOR = {"trivial": hand_trivial_records}
 
 
 IPMHD = SyntheticSignal("ipmhd")
@@ -210,12 +233,21 @@ def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool, workloads: S
     try:
         cpus = int(ray.cluster_resources()["CPU"])
         parts = default_numparts(cpus)
-        for label, build, hand_fn in [WORKLOADS[name] for name in workloads]:
+        from toksearch_launch.pipeline.ops import records_from_wire
+
+        for name in workloads:
+            label, build, hand_fn = WORKLOADS[name]
             remote_hand = ray.remote(hand_fn)
+            remote_floor = ray.remote(RECORD_FLOOR[name]) if name in RECORD_FLOOR else None
 
             def hand() -> list:
                 chunks = split_evenly(shots, parts)
                 return [r for part in ray.get([remote_hand.remote(c) for c in chunks]) for r in part]
+
+            def floor() -> list:
+                chunks = split_evenly(shots, parts)
+                return [r for part in ray.get([remote_floor.remote(c) for c in chunks])
+                        for r in records_from_wire(part)]
 
             def ours() -> object:
                 return build(shots).compute_ray()
@@ -223,13 +255,18 @@ def bench_ray(n: int, repeat: int, cpus: int, one_per_record: bool, workloads: S
             def one_per_record_run() -> object:
                 return build(shots).compute_ray(numparts=len(shots))
 
-            timed(hand), timed(ours)  # warm up workers and imports
-            times, cpu = compare_with_cpu({"compute_ray()": ours, "hand-written Ray": hand}, repeat, RAY_PER_SAMPLE)
+            contenders = {"compute_ray()": ours, "hand-written Ray": hand}
+            if remote_floor is not None:
+                contenders["hand-written Ray, Records"] = floor
+            for fn in contenders.values():
+                timed(fn)  # warm up workers and imports
+            times, cpu = compare_with_cpu(contenders, repeat, RAY_PER_SAMPLE)
             if one_per_record:
                 times.update(compare({"compute_ray(numparts=N)": one_per_record_run}, 1))
             check = build(shots).compute_ray(verbose=False)
             assert [r.shot for r in check] == shots and check.num_errors == 0
             notes = {"compute_ray()": f"{parts} partitions", "hand-written Ray": f"{parts} tasks",
+                     "hand-written Ray, Records": f"{parts} tasks; the Record-based floor",
                      "compute_ray(numparts=N)": "one record per partition, TokSearch's default"}
             out.append(table(f"Ray, {label}, {cpus} CPUs (local ray.init {init_s:.1f} s, excluded)", n, times,
                              "hand-written Ray", notes, cpu)
