@@ -77,7 +77,7 @@ def hand_trivial(shots: Sequence[int]) -> List[dict]:
 def hand_trivial_records(shots: Sequence[int]) -> List[dict]:
     """The least any Record-based program does with Ray's msgpack wire: a Record per shot
     (built the cheapest way measured), the same map on it, and a plain dict per record to send
-    (the driver rebuilds the Records: :func:`floor_ray`). Its ratio to the hand-written dicts is
+    (the driver rebuilds the Records, in ``bench_ray``'s ``floor``). Its ratio to the hand-written dicts is
     the ceiling for ``compute_ray()`` with TokSearch-compatible Records (issue 12, item 6)."""
     from toksearch_launch.pipeline.record import Record
 

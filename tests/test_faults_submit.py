@@ -209,17 +209,22 @@ def reap(pid: int, timeout: float) -> int:
         time.sleep(0.05)
 
 
+def stand_in_launcher(policy: str) -> list[str]:
+    """A launcher stand-in: run_foreground of its argv with ``AfterLauncher(<policy>)``."""
+    return [sys.executable, "-c", "import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
+            f"sys.exit(run_foreground(sys.argv[1:], {{}}, after_launcher=AfterLauncher({policy}))[0])"]
+
+
 def test_a_killed_launchers_script_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     """run_foreground as the launcher runs a site=local script, the launcher stand-in SIGKILLed:
     the script gets SIGTERM (its death signal), ignores it, and the watchdog SIGKILLs it after
     the grace (1 s here). The watchdog is not the launcher's child: the script stays its only one."""
-    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
-                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(1.0, None, True))[0])")
+    launcher = stand_in_launcher("1.0, None, True")
     become_subreaper(True)
     launched = None
     try:
         launched = Launched([sys.executable, "-c", IGNORES_SIGTERM, "none"], tmp_path,
-                            program=[sys.executable, "-c", launcher])
+                            program=launcher)
         script = json.loads(launched.wait_line(r"^IGNORING (.*)", 60).group(1))["pid"]
         assert only_child(launched.proc.pid) == script
         with time_to_clean("SIGKILL of a run_foreground launcher, its script ignoring SIGTERM (grace 1 s)"):
@@ -253,13 +258,12 @@ def test_a_killed_launchers_salloc_that_missed_its_death_signal_gets_it_again(tm
     never SIGKILL), a stand-in that acts as a salloc that missed its first SIGTERM (measured: 4
     in 100 salloc signalled as they print "Pending job allocation" wait on for the job): the
     launcher SIGKILLed, the stand-in gets SIGTERM again and exits by itself (code 7), not by SIGKILL."""
-    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
-                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(20.0, 0.2, False))[0])")
+    launcher = stand_in_launcher("20.0, 0.2, False")
     become_subreaper(True)
     launched = None
     try:
         launched = Launched([sys.executable, "-c", MISSES_FIRST_SIGTERM], tmp_path,
-                            program=[sys.executable, "-c", launcher])
+                            program=launcher)
         salloc = int(launched.wait_line(r"^WAITING (\d+)$", 60).group(1))
         with time_to_clean("SIGKILL of a run_foreground launcher, its salloc stand-in missing the first SIGTERM"):
             launched.kill()
@@ -276,9 +280,8 @@ def test_a_sigterm_forwarded_to_a_salloc_that_missed_it_is_forwarded_again(tmp_p
     """SIGTERM to the launcher (alive) with SLURM's policy: it forwards the signal to its
     salloc stand-in, which misses the first, and forwards it again until the stand-in exits;
     the launcher exits with the stand-in's code (7)."""
-    launcher = ("import sys; from toksearch_launch.run import AfterLauncher, run_foreground; "
-                "sys.exit(run_foreground(sys.argv[1:], {}, after_launcher=AfterLauncher(20.0, 0.2, False))[0])")
-    launched = Launched([sys.executable, "-c", MISSES_FIRST_SIGTERM], tmp_path, program=[sys.executable, "-c", launcher])
+    launcher = stand_in_launcher("20.0, 0.2, False")
+    launched = Launched([sys.executable, "-c", MISSES_FIRST_SIGTERM], tmp_path, program=launcher)
     try:
         salloc = int(launched.wait_line(r"^WAITING (\d+)$", 60).group(1))
         assert only_child(launched.proc.pid) == salloc

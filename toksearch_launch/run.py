@@ -223,8 +223,8 @@ class AfterLauncher(NamedTuple):
     kill: bool
 
 
-#: site=local: the script has 10 s for its SIGTERM hook to stop its cluster (at most about
-#: 10 s), then SIGKILL; what a cluster's stop leaves undone its step wrappers' owner watch finishes.
+#: site=local: the script has 10 s for its SIGTERM hook to stop its cluster (which takes at
+#: most about that), then SIGKILL; what a cluster's stop leaves undone its step wrappers' owner watch finishes.
 LOCAL_AFTER_LAUNCHER = AfterLauncher(grace=10.0, resend_every=None, kill=True)
 
 #: SLURM: salloc must rescind its own allocation, so it gets the death signal again each second
