@@ -18,12 +18,16 @@ from durability_job import FIRST_SHOT, assert_same_records, make_pipeline, secon
 from toksearch_launch import Pipeline, SyntheticSignal, load_dataframe, load_results
 from toksearch_launch.config import validate
 from toksearch_launch.pipeline import stopping
+from toksearch_launch.pipeline.record import Record
 from toksearch_launch.pipeline.store import (
     MANIFEST,
     StoreMismatch,
+    as_columns,
     fingerprint,
     part_files,
     read_header,
+    records_of,
+    wire_records,
     write_atomic,
 )
 from toksearch_launch.resume import read_events
@@ -98,6 +102,36 @@ def test_numpy_scalars_keep_their_type_and_value(tmp_path):
                 for key, want in values.items():
                     got = rec[key]
                     assert type(got) is type(want) and np.array(got).tobytes() == np.array(want).tobytes(), (key, got)
+
+
+def test_records_go_to_disk_as_columns_when_their_fields_agree_and_as_rows_when_not():
+    """One numpy scalar type per column: one array (same type and bits when read back); a column
+    that mixes types stays a list; records whose fields differ (in name or order) stay rows."""
+    def rec(shot, **fields):
+        return Record(shot, fields)
+
+    same = [rec(1, f64=np.float64(0.1), mixed=np.float64(1), py=1.5, arr=np.arange(3), nan=np.float64("nan")),
+            rec(2, f64=np.float64(-0.0), mixed=np.float32(2), py=2, arr=np.arange(2), nan=np.float64(-np.nan))]
+    same[1]["errors"] = {"fetch ip": {"type": "KeyError", "message": "ip"}}
+    fields, columns = as_columns(same)
+    assert fields == ("shot", "errors", "f64", "mixed", "py", "arr", "nan")
+    kinds = dict(zip(fields, map(type, columns)))
+    assert kinds["f64"] is np.ndarray and kinds["nan"] is np.ndarray
+    assert kinds["mixed"] is list and kinds["py"] is list and kinds["arr"] is list and kinds["shot"] is list
+
+    differ = [rec(1, a=np.float64(1), b=2), rec(2, b=2, a=np.float64(1)), rec(3, a=np.float64(3))]
+    assert as_columns(differ) is None
+    assert type(wire_records(differ)) is list
+
+    for records in (same, differ):
+        back = records_of(pickle.loads(pickle.dumps(wire_records(records))))
+        assert [type(r) for r in back] == [Record] * len(records)
+        for got, want in zip(back, records):
+            assert list(got) == list(want)  # the fields, in their order
+            for key in want:
+                assert type(got[key]) is type(want[key]), key
+                assert np.asarray(got[key]).tobytes() == np.asarray(want[key]).tobytes() or key == "errors", key
+            assert got["errors"] == want["errors"]
 
 
 def test_a_partition_cut_short_by_a_crash_is_computed_again(tmp_path, capsys):

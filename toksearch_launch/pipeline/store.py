@@ -25,6 +25,9 @@ import sys
 import time
 import zlib
 from array import array
+from collections import deque
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -107,6 +110,9 @@ def fingerprint(ops: Sequence[Op], items: Sequence[Item]) -> str:
         func = getattr(op, "func", None)
         if func is not None:
             describe_callable(func, h)
+    if set(map(type, items)) <= {int}:  # shot numbers only (the common case): C loops
+        h.update(array("q", items).tobytes())
+        return h.hexdigest()
     h.update(array("q", (item_shot(i) for i in items)).tobytes())
     for item in items:
         if type(item) is not int:
@@ -281,18 +287,72 @@ def dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+@functools.lru_cache(maxsize=1)
+def _numpy_scalar_types() -> frozenset:
+    numpy = sys.modules["numpy"]
+    return frozenset(getattr(numpy, name) for name in _EXACT_SCALARS)
+
+
+#: The records of a partition on the wire and on disk: a list of plain dicts (rows), or,
+#: when every record has the same fields in the same order, (fields, one column per field).
+WireRecords = Union[List[Dict[str, Any]], Tuple[Tuple[Any, ...], List[Any]]]
+
+
+def as_columns(records: Sequence[Record]) -> Optional[Tuple[Tuple[Any, ...], List[Any]]]:
+    """(fields, columns) when all ``records`` have the same fields in the same order, else None.
+
+    A pipeline's steps give every record the same fields, so this is the usual case. A
+    column whose values are all of one numpy scalar type becomes one array: pickled one by
+    one, 500 ``np.float64`` cost 0.7 ms, as one array 0.03 ms, and that was most of the
+    store's cost on TokSearch's example (fields like ``np.max(...)``). The array keeps their
+    bits, and its elements are that type again when read. Other columns stay lists.
+    """
+    if not records:
+        return None
+    fields = tuple(records[0])
+    if len(set(map(tuple, records))) != 1:
+        return None
+    scalar_types = _numpy_scalar_types() if "numpy" in sys.modules else frozenset()
+    columns: List[Any] = []
+    for field in fields:
+        column = list(map(itemgetter(field), records))
+        kinds = set(map(type, column))
+        if len(kinds) == 1 and kinds <= scalar_types:
+            column = sys.modules["numpy"].array(column)
+        columns.append(column)
+    return fields, columns
+
+
+def wire_records(records: Sequence[Record]) -> WireRecords:
+    """The records as :func:`as_columns` gives them, or as plain dicts where it cannot."""
+    columns = as_columns(records)
+    return columns if columns is not None else list(map(dict, records))
+
+
+def records_of(wire: WireRecords) -> List[Record]:
+    """Records again from :func:`wire_records` (rows or columns), in C loops."""
+    if type(wire) is list:
+        return records_from_wire(wire)
+    fields, columns = wire
+    values = [column if type(column) is list else list(column) for column in columns]
+    out = list(map(dict.__new__, repeat(Record, len(values[0]) if values else 0)))
+    deque(map(dict.update, out, map(zip, repeat(fields), zip(*values))), maxlen=0)
+    return out
+
+
 def encode_body(records: Sequence[Record], shots: Sequence[int], stats: RunStats) -> bytes:
-    """The records' part of a partition file: (records as plain dicts, the offset of each in the
-    partition's input, stats), pickled once where the records are. A worker process sends it to
-    the driver as it is, and the store writes it as it came, so no record is pickled twice."""
+    """The records' part of a partition file: (the records as :func:`wire_records`, the offset
+    of each in the partition's input, stats), pickled once where the records are. A worker
+    process sends it to the driver as it is, and the store writes it as it came, so no record
+    is pickled twice."""
     offsets = output_positions(range(len(shots)), shots, records)
-    return dumps((list(map(dict, records)), offsets, stats))
+    return dumps((wire_records(records), offsets, stats))
 
 
 def decode_body(body: bytes) -> Tuple[List[Record], RunStats]:
     """The records and stats of :func:`encode_body`'s bytes (what the driver hands to the caller)."""
-    rows, _, stats = pickle.loads(body)
-    return records_from_wire(rows), stats
+    wire, _, stats = pickle.loads(body)
+    return records_of(wire), stats
 
 
 def encode_partition(fp: str, positions: Sequence[int], shots: Sequence[int], records: Sequence[Record],
@@ -357,10 +417,10 @@ def read_partition(path: Path) -> Tuple[Dict[str, Any], List[Record], List[int],
     if "body_crc32" in header and (len(body) != header["body_bytes"] or zlib.crc32(body) != header["body_crc32"]):
         raise DamagedPartition(f"{path}: its records do not match their checksum (cut short by a machine crash?); "
                                "delete the file and resume to compute them again")
-    rows, positions, stats = pickle.loads(body)
+    wire, positions, stats = pickle.loads(body)
     if header.get("body") == "offsets":
         positions = list(map(header["positions"].__getitem__, positions))
-    return header, records_from_wire(rows), positions, stats
+    return header, records_of(wire), positions, stats
 
 
 def part_files(directory: Path) -> List[Path]:
@@ -374,91 +434,81 @@ def part_files(directory: Path) -> List[Path]:
 SYNC_S = 2.0
 
 
-class _Writer:
-    """One background thread that writes partition files in the order given, and syncs them
-    to disk in groups.
+class _GroupSync:
+    """A background thread that syncs the partition files written on the driver, in groups.
 
-    The driver hands a finished partition over at once, its records already pickled
-    (by the worker, or by ``add``); the header, the checksum and the writing then
-    overlap with the driver's wait for the next partitions. Each file gets its
-    name only once whole (:func:`write_atomic`), so a killed process leaves whole
-    files or none, and the kernel keeps their pages. The sync that a machine crash
-    needs is one :func:`sync_files` for every partition written since the last one,
-    at most :data:`SYNC_S` seconds after the first of them, and in ``flush``: one
+    The files themselves are written by the driver's thread, at once (0.2 ms for a
+    partition of TokSearch's example): a thread that writes them would take the GIL
+    for each of a file's system calls back from a busy driver, and on a serial run
+    that cost 9% of the run (measured side by side: docs/benchmarks.md), where the
+    writing itself costs 0.3%. What may wait is only the sync that a machine crash
+    needs: one :func:`sync_files` for every partition written since the last one, at
+    most :data:`SYNC_S` seconds after the first of them, and in ``flush``: one
     directory fsync for the group instead of one per file, and none of it on the
     driver's path (a fsync per file and per directory, 7 ms each on a VM disk, cost
-    more than the 5% a store may take there). ``flush`` waits for every
-    handed-over file to be written and synced (before a manifest, and before
-    compute_* returns the records to the caller, who may change them).
+    more than the 5% a store may take there). ``flush`` waits until every file
+    written so far is synced (before a manifest, and before compute_* returns).
     """
 
     def __init__(self, directory: Path, sync_s: float = SYNC_S) -> None:
-        import queue
         import threading
 
         self.directory = directory
         self.sync_s = sync_s
-        self._queue: "queue.Queue[Optional[Tuple[Path, Callable[[], bytes]]]]" = queue.Queue()
-        self._error: Optional[BaseException] = None
+        self._lock = threading.Condition()
         self._unsynced: List[Path] = []
-        self._first_unsynced = 0.0
-        self._thread = threading.Thread(target=self._loop, name="toksearch-store-writer", daemon=True)
-        self._thread.start()
-
-    def _sync_due_in(self) -> Optional[float]:
-        if not self._unsynced:
-            return None
-        return max(0.0, self._first_unsynced + self.sync_s - time.monotonic())
-
-    def _sync(self) -> None:
-        if self._unsynced:
-            paths, self._unsynced = self._unsynced, []
-            sync_files(self.directory, paths)
+        self._due = 0.0  # when the oldest unsynced file must be synced
+        self._flushes = 0  # flushes asked for, and done
+        self._flushed = 0
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None  # only while there is something to sync
 
     def _loop(self) -> None:
-        import queue
-
         while True:
+            with self._lock:
+                while self._flushes == self._flushed and not (self._unsynced and time.monotonic() >= self._due):
+                    self._lock.wait(timeout=max(0.0, self._due - time.monotonic()) if self._unsynced else None)
+                paths, self._unsynced = self._unsynced, []
+                flushes = self._flushes
             try:
-                job = self._queue.get(timeout=self._sync_due_in())
-            except queue.Empty:  # the oldest unsynced partition is SYNC_S old
-                self._guard(self._sync)
-                continue
-            try:
-                if job is None:  # flush: write queued ones first (they came before), then sync
-                    self._guard(self._sync)
-                    continue
-                if self._error is None:
-                    path, encode = job
-                    write_atomic(path, encode(), sync=False)
-                    if not self._unsynced:
-                        self._first_unsynced = time.monotonic()
-                    self._unsynced.append(path)
-                    if self._sync_due_in() == 0.0:
-                        self._sync()
-            except BaseException as exc:  # kept, raised in the driver by the next put/flush
+                if paths:
+                    sync_files(self.directory, paths)
+            except BaseException as exc:  # kept, raised in the driver by the next written/flush
                 self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def _guard(self, step: Callable[[], None]) -> None:
-        try:
-            step()
-        except BaseException as exc:
-            self._error = exc
+            with self._lock:
+                self._flushed = flushes
+                self._lock.notify_all()
+                if not self._unsynced and self._flushed == self._flushes:
+                    self._thread = None  # idle: a script's many computes leave no threads behind
+                    return
 
     def _check(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise OSError(f"writing the result store failed: {error}") from error
+            raise OSError(f"syncing the result store failed: {error}") from error
 
-    def put(self, path: Path, encode: "Callable[[], bytes]") -> None:
+    def written(self, path: Path) -> None:
+        """``path`` is written (and named): sync it within SYNC_S seconds."""
+        import threading
+
         self._check()
-        self._queue.put((path, encode))
+        with self._lock:
+            if not self._unsynced:
+                self._due = time.monotonic() + self.sync_s
+                self._lock.notify_all()
+            self._unsynced.append(path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="toksearch-store-sync", daemon=True)
+                self._thread.start()
 
     def flush(self) -> None:
-        self._queue.put(None)
-        self._queue.join()
+        with self._lock:
+            if self._thread is not None:  # else every written file is synced
+                self._flushes += 1
+                target = self._flushes
+                self._lock.notify_all()
+                while self._flushed < target:
+                    self._lock.wait()
         self._check()
 
 
@@ -477,7 +527,7 @@ class ResultStore:
         self.partitions = 0
         self.errors: List[Dict[str, Any]] = []
         self.skipped = 0
-        self._writer: Optional[_Writer] = None
+        self._sync: Optional[_GroupSync] = None
 
     @classmethod
     def open(cls, path: StoreArg, ops: Sequence[Op], items: Sequence[Item]) -> "ResultStore":
@@ -524,17 +574,18 @@ class ResultStore:
 
     def add(self, positions: Sequence[int], shots: Sequence[int], records: Sequence[Record], stats: RunStats,
             body: Optional[bytes] = None) -> None:
-        """Hand one finished partition to the writer (an atomic file, written next, synced soon after);
+        """Write one finished partition (an atomic file, on disk when this returns; synced within SYNC_S);
         ``body``: the records as :func:`encode_body` made them in a worker, if it did."""
         if not positions:
             return
-        if self._writer is None:
-            self._writer = _Writer(self.path)
-        if body is None:  # pickled here: in the writer thread it would wait for the GIL behind a busy driver
+        if self._sync is None:
+            self._sync = _GroupSync(self.path)
+        if body is None:
             body = encode_body(records, shots, stats)
-        encode = functools.partial(encode_partition, self.fingerprint, list(positions), list(shots), list(records),
-                                   stats, self.total, body)
-        self._writer.put(self.path / part_name(positions, shots), encode)
+        path = self.path / part_name(positions, shots)
+        write_atomic(path, encode_partition(self.fingerprint, positions, shots, records, stats, self.total, body),
+                     sync=False)
+        self._sync.written(path)
         self._count({"positions": positions, "records_out": len(records), "where_errors": stats.where_errors,
                      "records_with_errors": stats.records_with_errors})
         if stats.records_with_errors and len(self.errors) < MAX_MANIFEST_ERRORS:
@@ -543,9 +594,9 @@ class ResultStore:
                     self.errors.append({"shot": rec["shot"], "errors": rec["errors"]})
 
     def flush(self) -> None:
-        """Wait until every partition handed over is written and synced to disk."""
-        if self._writer is not None:
-            self._writer.flush()
+        """Wait until every partition written is synced to disk."""
+        if self._sync is not None:
+            self._sync.flush()
 
     def write_manifest(self, state: str) -> None:
         """``state``: running, stopped (a signal or a deadline), complete. Flushes the partitions first."""
