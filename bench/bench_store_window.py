@@ -1,11 +1,11 @@
-"""The SIGKILL window of the result store: how long a finished partition waits in the writer thread.
+"""The SIGKILL window of the result store: how long a finished partition takes to be on disk.
 
-A partition the driver has handed to the store's writer thread survives a SIGKILL of
-the script only once that thread has written it under its name (its records come
-pickled: by the worker, or by ``ResultStore.add`` on the driver's thread, which this
-window includes); a SIGKILL in between loses it (docs/durability.md, "What can still be lost"). This measures, for
+A finished partition survives a SIGKILL of the script once ``ResultStore.add`` has
+written it under its name, on the driver's thread (its records come pickled by the
+worker, or are pickled in ``add``, which this window includes); a SIGKILL in between
+loses it (docs/durability.md, "What can still be lost"). This measures, for
 every partition of TokSearch's example (``create_pipeline`` of examples/toksearch_example.py),
-the time from ``ResultStore.add`` (handed over) to the end of its ``write_atomic``
+the time from the call of ``ResultStore.add`` to the end of its ``write_atomic``
 (under its name; its sync to disk, for a machine crash, follows in groups), and prints the median, 95th percentile
 and maximum per backend, with how many partitions were waiting at once at most.
 
@@ -40,7 +40,7 @@ _waiting = [0, 0]  # now, most at once
 
 
 def watch_the_writer() -> None:
-    """Time each partition from its hand-over to the end of its atomic write (patched, not changed)."""
+    """Time each partition from ``add`` to the end of its atomic write (patched, not changed)."""
     from toksearch_launch.pipeline import store as store_module
 
     cls = store_module.ResultStore
@@ -61,7 +61,7 @@ def watch_the_writer() -> None:
             _waiting[0] -= 1
 
     cls.add = timed_add
-    store_module.write_atomic = timed_write  # the writer thread looks it up at each call
+    store_module.write_atomic = timed_write  # add looks it up at each call
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -79,7 +79,7 @@ def main(argv: List[str] | None = None) -> int:
     watch_the_writer()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, Python {platform.python_version()}, "
           f"{args.records} records, store in {work}")
-    print("| backend | partitions | handed over -> on disk: median (ms) | p95 (ms) | max (ms) | most waiting at once |")
+    print("| backend | partitions | add called -> on disk: median (ms) | p95 (ms) | max (ms) | most waiting at once |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, compute in run.items():
         compute(create_pipeline(shots, signal), None)  # warm-up

@@ -8,6 +8,8 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,20 +85,30 @@ def test_numpy_and_xarray_records_round_trip(tmp_path):
     assert loaded[0]["ds"].identical(result[0]["ds"])
 
 
-def test_numpy_scalars_keep_their_type_and_value(tmp_path):
-    """The store pickles numpy scalars as type + Python number: same dtype, same bits, both ways
-    (serial: pickled in the writer; multiprocessing: in the worker)."""
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_numpy_scalars_keep_their_type_and_value(tmp_path, layout):
+    """Same dtype, same bits, both ways (serial: pickled on the driver; multiprocessing: in the
+    worker), whether the store writes a partition as columns (a numpy-scalar column as one array)
+    or as rows (odd shots get one more field, so no partition of 2-3 records has one field set:
+    numpy scalars as type + Python number)."""
     values = {"f64": np.float64(1 / 3), "f32": np.float32(0.1), "f16": np.float16(0.3), "nan": np.float64("nan"),
               "neg0": np.float64(-0.0), "i64": np.int64(-2**62), "u64": np.uint64(2**64 - 1), "b": np.bool_(True),
               "c64": np.complex64(1 + 2j), "ld": np.longdouble(1) / 3, "dt": np.datetime64("2020-01-01T00:00:00.123")}
-    pipeline = Pipeline(range(1, 9))
+    pipeline = Pipeline(range(1, 41))  # serial with a store: 20 partitions of 2
 
     @pipeline.map
     def scalars(rec):
         rec.update(values)
+        if layout == "rows" and rec.shot % 2:
+            rec["odd"] = True
 
     for backend, kwargs in (("serial", {}), ("multiprocessing", {"num_workers": 2, "batch_size": 3})):
         result = getattr(pipeline, f"compute_{backend}")(store=tmp_path / backend, **kwargs)
+        for part in part_files(tmp_path / backend):
+            with open(part, "rb") as f:
+                pickle.load(f)  # the header
+                wire = pickle.load(f)[0]
+            assert type(wire) is (tuple if layout == "columns" else list), part.name
         for records in (result, load_results(tmp_path / backend)):
             for rec in records:
                 for key, want in values.items():
@@ -483,3 +495,46 @@ def test_a_no_requeue_option_is_kept_and_the_job_continues_in_fresh_jobs():
     validate(cfg)
     lines = plan_job(cfg, ["python", "x.py"], Path("/runs/r"), Facts(cwd="/w")).script.splitlines()
     assert "#SBATCH --no-requeue" in lines and "#SBATCH --requeue" not in lines
+
+
+def _wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_group_sync_syncs_within_its_delay_flushes_on_demand_and_leaves_no_thread(tmp_path, monkeypatch):
+    from toksearch_launch.pipeline import store as store_module
+
+    synced = []
+    monkeypatch.setattr(store_module, "sync_files", lambda directory, paths: synced.append(list(paths)))
+    group = store_module._GroupSync(tmp_path, sync_s=0.05)
+    group.written(tmp_path / "a")
+    group.written(tmp_path / "b")
+    assert _wait_for(lambda: synced == [[tmp_path / "a", tmp_path / "b"]]), synced  # no flush: the delay
+    group.written(tmp_path / "c")
+    group.flush()
+    assert synced[-1] == [tmp_path / "c"]
+    group.flush()  # nothing written since: nothing to sync, returns at once
+    assert len(synced) == 2
+    assert _wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()))
+
+
+def test_a_failed_sync_is_raised_in_the_driver(tmp_path, monkeypatch):
+    from toksearch_launch.pipeline import store as store_module
+
+    def broken(directory, paths):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "sync_files", broken)
+    with pytest.raises(OSError, match="syncing the result store failed"):
+        make_pipeline(30, 0.0).compute_serial(store=tmp_path / "s")
+
+
+def test_many_computes_leave_no_store_thread(tmp_path):
+    for k in range(5):
+        make_pipeline(20, 0.0).compute_serial(store=tmp_path / f"s{k}")
+    assert _wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()))

@@ -181,7 +181,7 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     appears only once the data is complete, so a killed process (whose written
     pages the kernel keeps) leaves a whole file or none. ``sync``: fsync the file
     before it gets its name and the directory after, which a machine crash needs;
-    the store's writer instead syncs its files in groups (:func:`sync_files`), and
+    the store instead syncs its files in groups (:func:`sync_files`), and
     its files carry a checksum that catches what a crash before that sync leaves.
     """
     if not _link_tmpfile(path, data, sync):
