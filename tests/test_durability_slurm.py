@@ -8,7 +8,6 @@ so a run takes a known time; waits poll Slurm's job state with a deadline.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import signal
 import sys
@@ -20,7 +19,7 @@ from conftest import ROOT, run_cli
 from durability_job import assert_same_records, make_pipeline, second_pipeline
 from slurm_support import TEST_SITE, job_field, job_id_from, wait_for
 from toksearch_launch import load_results
-from toksearch_launch.pipeline.store import part_files, read_header
+from toksearch_launch.pipeline.store import part_files, read_header, read_partition
 from toksearch_launch.resume import job_ids, read_events
 
 pytestmark = pytest.mark.slurm
@@ -67,10 +66,8 @@ def only_whole_files(run_dir: Path) -> None:
     for path in store_of(run_dir).iterdir():
         assert path.name == "manifest.json" or (path.name.startswith("part-") and path.suffix == ".pkl"), path
         if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                header = pickle.load(f)
-                rows, positions, _ = pickle.load(f)
-            assert len(rows) == len(positions) == header["records_out"]
+            header, records, positions, _ = read_partition(path)  # checks the size and the CRC-32 too
+            assert len(records) == len(positions) == header["records_out"]
 
 
 def resume_and_check(tmp_path: Path, run_dir: Path, stored: int, total: int, want, *overrides: str) -> str:
