@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import ROOT, compose, run_cli
 from durability_job import FIRST_SHOT, assert_same_records, make_pipeline, second_pipeline
+from slurm_support import wait_for
 from toksearch_launch import Pipeline, SyntheticSignal, load_dataframe, load_results
 from toksearch_launch.config import validate
 from toksearch_launch.pipeline import stopping
@@ -260,7 +260,6 @@ def test_sigkill_during_writes_leaves_only_whole_files(tmp_path):
         def enough():
             return store.exists() and len(part_files(store)) >= deadline_parts
 
-        from slurm_support import wait_for
 
         wait_for(lambda: enough() or proc.poll() is not None, 120, 0.01, "partitions to be written")
         os.kill(proc.pid, signal.SIGKILL)
@@ -370,7 +369,6 @@ def test_resume_of_a_stopped_local_run_completes_it(tmp_path):
     assert result.returncode == 0, result.stderr
     [run_dir] = [p.parent for p in tmp_path.rglob("toksearch.yaml")]
     pid = int(result.stdout.split("submitted job local-")[1].split(";")[0])
-    from slurm_support import wait_for
 
     wait_for(lambda: len(part_files(run_dir / "results" / "compute-1")) >= 3 if (run_dir / "results" / "compute-1").exists() else False,
              60, 0.05, "three partitions stored")
@@ -398,7 +396,6 @@ def test_resume_errors_are_one_line(tmp_path):
 
 def stopped_local_run(tmp_path, count: int):
     """A site=local batch run of ``count`` records stopped by SIGUSR1 after three partitions."""
-    from slurm_support import wait_for
 
     result = run_cli(["site=local", "-b", *JOB, "serial", str(count), "0.02"], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -435,7 +432,6 @@ def test_changed_pipeline_is_refused_then_fresh_starts_over(tmp_path):
 def test_a_run_killed_between_two_computes_is_not_finished_and_resume_runs_the_second(tmp_path):
     """The first compute's store is complete and the second never started: the last attempt's
     exit code (137, logged by the job's attempt wrapper) says the run is not finished."""
-    from slurm_support import wait_for
 
     hold = tmp_path / "hold"
     hold.write_text("")
@@ -497,15 +493,6 @@ def test_a_no_requeue_option_is_kept_and_the_job_continues_in_fresh_jobs():
     assert "#SBATCH --no-requeue" in lines and "#SBATCH --requeue" not in lines
 
 
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_group_sync_syncs_within_its_delay_flushes_on_demand_and_leaves_no_thread(tmp_path, monkeypatch):
     from toksearch_launch.pipeline import store as store_module
 
@@ -514,13 +501,14 @@ def test_group_sync_syncs_within_its_delay_flushes_on_demand_and_leaves_no_threa
     group = store_module._GroupSync(tmp_path, sync_s=0.05)
     group.written(tmp_path / "a")
     group.written(tmp_path / "b")
-    assert _wait_for(lambda: synced == [[tmp_path / "a", tmp_path / "b"]]), synced  # no flush: the delay
+    wait_for(lambda: synced == [[tmp_path / "a", tmp_path / "b"]], 10, 0.01, "a and b synced in one group, no flush")
     group.written(tmp_path / "c")
     group.flush()
     assert synced[-1] == [tmp_path / "c"]
     group.flush()  # nothing written since: nothing to sync, returns at once
     assert len(synced) == 2
-    assert _wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()))
+    wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()), 10, 0.01,
+             "the store's sync thread to exit")
 
 
 def test_a_failed_sync_is_raised_in_the_driver(tmp_path, monkeypatch):
@@ -537,4 +525,5 @@ def test_a_failed_sync_is_raised_in_the_driver(tmp_path, monkeypatch):
 def test_many_computes_leave_no_store_thread(tmp_path):
     for k in range(5):
         make_pipeline(20, 0.0).compute_serial(store=tmp_path / f"s{k}")
-    assert _wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()))
+    wait_for(lambda: not any(t.name == "toksearch-store-sync" for t in threading.enumerate()), 10, 0.01,
+             "the store's sync thread to exit")

@@ -380,8 +380,9 @@ def run_partition_wire(ops: Sequence[Op], items: Iterable[Item]) -> Tuple[List[d
     return list(map(dict, recs)), stats
 
 
-def records_from_wire(rows: List[dict]) -> List[Record]:
-    """Plain dicts from :func:`run_partition_wire` as Records (no copying of values).
+def records_from_wire(rows: Sequence[Any]) -> List[Record]:
+    """Plain dicts from :func:`run_partition_wire` as Records (no copying of values); each row
+    may also be an iterable of (field, value) pairs (the store's columns, zipped).
 
     Both loops run in C (``map`` over C functions, drained by a zero-length deque):
     about a fifth faster than a Python loop, and this runs on the driver for every record.

@@ -25,11 +25,10 @@ import sys
 import time
 import zlib
 from array import array
-from collections import deque
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from toksearch_launch.pipeline.ops import Item, Op, RunStats, records_from_wire
 from toksearch_launch.pipeline.record import Record
@@ -257,6 +256,13 @@ _EXACT_SCALARS = ("float64", "float32", "float16", "complex128", "complex64", "b
                   "int64", "uint8", "uint16", "uint32", "uint64")
 
 
+@functools.lru_cache(maxsize=1)
+def _numpy_scalar_types() -> frozenset:
+    """The numpy types of :data:`_EXACT_SCALARS` (numpy must be imported already)."""
+    numpy = sys.modules["numpy"]
+    return frozenset(getattr(numpy, name) for name in _EXACT_SCALARS)
+
+
 def _reduce_scalar(value: Any) -> Tuple[Any, Tuple[Any]]:
     return type(value), (value.item(),)
 
@@ -269,10 +275,8 @@ def _dispatch_table() -> Dict[type, Any]:
     import copyreg
 
     table = dict(copyreg.dispatch_table)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        for name in _EXACT_SCALARS:
-            table[getattr(numpy, name)] = _reduce_scalar
+    if "numpy" in sys.modules:
+        table.update(dict.fromkeys(_numpy_scalar_types(), _reduce_scalar))
     return table
 
 
@@ -285,12 +289,6 @@ def dumps(value: Any) -> bytes:
         pickler.dump(value)
         return out.getvalue()
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-@functools.lru_cache(maxsize=1)
-def _numpy_scalar_types() -> frozenset:
-    numpy = sys.modules["numpy"]
-    return frozenset(getattr(numpy, name) for name in _EXACT_SCALARS)
 
 
 #: The records of a partition on the wire and on disk: a list of plain dicts (rows), or,
@@ -335,9 +333,7 @@ def records_of(wire: WireRecords) -> List[Record]:
         return records_from_wire(wire)
     fields, columns = wire
     values = [column if type(column) is list else list(column) for column in columns]
-    out = list(map(dict.__new__, repeat(Record, len(values[0]) if values else 0)))
-    deque(map(dict.update, out, map(zip, repeat(fields), zip(*values))), maxlen=0)
-    return out
+    return records_from_wire(list(map(zip, repeat(fields), zip(*values))))
 
 
 def encode_body(records: Sequence[Record], shots: Sequence[int], stats: RunStats) -> bytes:
